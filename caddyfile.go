@@ -1,0 +1,207 @@
+// Copyright 2026 The caddy-godist Authors
+// SPDX-License-Identifier: Apache-2.0
+
+package godist
+
+import (
+	"strconv"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+)
+
+// UnmarshalCaddyfile sets up the handler from Caddyfile tokens. Syntax:
+//
+//	godist [<upstreams...>] {
+//		to <upstreams...>
+//		upstream <address> {
+//			weight <n>
+//		}
+//		hash_key ip_port|ip|<placeholder string>
+//		dial_timeout <duration>
+//		idle_timeout <duration>
+//	}
+//
+// The same-line upstreams, `to` and `upstream` all add to one list; an
+// upstream given by `to` or on the same line has weight 1. The same-line
+// form `godist localhost:4000 localhost:4001 localhost:4002` is the whole
+// of a godist.conf.
+func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	d.Next() // consume directive name
+
+	p := newOptionParser(d)
+	for d.NextArg() {
+		if err := p.addUpstream(h, d.Val()); err != nil {
+			return err
+		}
+	}
+
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		option := d.Val()
+		var err error
+		switch option {
+		case "to":
+			if d.CountRemainingArgs() == 0 {
+				return d.ArgErr()
+			}
+			for d.NextArg() {
+				if err = p.addUpstream(h, d.Val()); err != nil {
+					return err
+				}
+			}
+		case "upstream":
+			err = p.upstreamBlock(h)
+		case "hash_key":
+			err = p.stringArg(&h.HashKey)
+			if err == nil {
+				if _, kerr := parseHashKey(h.HashKey); kerr != nil {
+					err = d.WrapErr(kerr)
+				}
+			}
+		case "dial_timeout":
+			err = p.durationArg(&h.DialTimeout)
+		case "idle_timeout":
+			err = p.durationArg(&h.IdleTimeout)
+		default:
+			return d.Errf("unrecognized subdirective '%s'", option)
+		}
+		if err != nil {
+			return err
+		}
+		if option != "upstream" && d.NextBlock(nesting+1) {
+			return d.Errf("%s: does not take a block", option)
+		}
+	}
+
+	if len(h.Upstreams) == 0 {
+		d.Reset()
+		d.Next()
+		return d.Err("godist: no upstreams: list at least one, on the same line, with 'to', or with 'upstream'")
+	}
+	return nil
+}
+
+// optionParser parses the options of one godist block, so that each kind
+// of argument is checked the same way everywhere and no option can be
+// given twice.
+type optionParser struct {
+	d     *caddyfile.Dispenser
+	seen  map[string]bool // options given so far
+	dials map[string]bool // upstream addresses given so far
+}
+
+func newOptionParser(d *caddyfile.Dispenser) *optionParser {
+	return &optionParser{d: d, seen: make(map[string]bool), dials: make(map[string]bool)}
+}
+
+// once fails if the current option was given before in the same block.
+func (p *optionParser) once() error {
+	name := p.d.Val()
+	if p.seen[name] {
+		return p.d.Errf("%s already specified", name)
+	}
+	p.seen[name] = true
+	return nil
+}
+
+// oneArg checks that the current option has exactly one argument and
+// moves to it.
+func (p *optionParser) oneArg() error {
+	if err := p.once(); err != nil {
+		return err
+	}
+	if p.d.CountRemainingArgs() != 1 {
+		return p.d.ArgErr()
+	}
+	p.d.NextArg()
+	return nil
+}
+
+func (p *optionParser) stringArg(dst *string) error {
+	if err := p.oneArg(); err != nil {
+		return err
+	}
+	*dst = p.d.Val()
+	return nil
+}
+
+// durationArg reads one duration that must not be negative.
+func (p *optionParser) durationArg(dst *caddy.Duration) error {
+	name := p.d.Val()
+	if err := p.oneArg(); err != nil {
+		return err
+	}
+	dur, err := caddy.ParseDuration(p.d.Val())
+	if err != nil {
+		return p.d.Errf("%s: invalid duration %q: %v", name, p.d.Val(), err)
+	}
+	if dur < 0 {
+		return p.d.Errf("%s: %s: must not be negative", name, time.Duration(dur))
+	}
+	*dst = caddy.Duration(dur)
+	return nil
+}
+
+// positiveIntArg reads one integer of at least 1.
+func (p *optionParser) positiveIntArg(dst *int) error {
+	name := p.d.Val()
+	if err := p.oneArg(); err != nil {
+		return err
+	}
+	n, err := strconv.Atoi(p.d.Val())
+	if err != nil || n < 1 {
+		return p.d.Errf("%s: %q: must be a whole number of at least 1", name, p.d.Val())
+	}
+	*dst = n
+	return nil
+}
+
+// addUpstream checks a dial address and appends it to the handler's
+// upstreams with the default weight.
+func (p *optionParser) addUpstream(h *Handler, dial string) error {
+	if _, _, err := parseDial(dial); err != nil {
+		return p.d.Errf("upstream %q: %v", dial, err)
+	}
+	if p.dials[dial] {
+		return p.d.Errf("upstream %q: listed twice", dial)
+	}
+	p.dials[dial] = true
+	h.Upstreams = append(h.Upstreams, &Upstream{Dial: dial})
+	return nil
+}
+
+// upstreamBlock parses `upstream <address> { ... }`.
+func (p *optionParser) upstreamBlock(h *Handler) error {
+	d := p.d
+	if d.CountRemainingArgs() != 1 {
+		return d.ArgErr()
+	}
+	d.NextArg()
+	if err := p.addUpstream(h, d.Val()); err != nil {
+		return err
+	}
+	u := h.Upstreams[len(h.Upstreams)-1]
+
+	inner := &optionParser{d: d, seen: make(map[string]bool)}
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		option := d.Val()
+		var err error
+		switch option {
+		case "weight":
+			err = inner.positiveIntArg(&u.Weight)
+		default:
+			return d.Errf("upstream %s: unrecognized subdirective '%s'", u.Dial, option)
+		}
+		if err != nil {
+			return err
+		}
+		if d.NextBlock(nesting + 1) {
+			return d.Errf("%s: does not take a block", option)
+		}
+	}
+	return nil
+}
+
+// Interface guard
+var _ caddyfile.Unmarshaler = (*Handler)(nil)

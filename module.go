@@ -1,0 +1,195 @@
+// Copyright 2026 The caddy-godist Authors
+// SPDX-License-Identifier: Apache-2.0
+
+// Package godist is a caddy-l4 connection handler that hashes each client
+// to one of a list of upstreams and pipes its bytes both ways: godist, the
+// 2013 Go TCP load balancer, rebuilt as a Caddy module with consistent,
+// weighted hashing, failover and correct half-close.
+package godist
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"go.uber.org/zap"
+
+	// The whole layer4 app, with its matchers and handlers, so that a Caddy
+	// built with only this module can route to it.
+	_ "github.com/mholt/caddy-l4"
+	"github.com/mholt/caddy-l4/layer4"
+)
+
+func init() {
+	caddy.RegisterModule(&Handler{})
+}
+
+// Default values of the handler's options.
+const (
+	defaultDialTimeout = 3 * time.Second
+)
+
+// Handler hashes each incoming connection to one upstream and pipes bytes
+// both ways until both sides are done. The hash is consistent (adding or
+// removing an upstream moves only the keys that must move), weighted, and
+// the same in every process with the same upstream list, so several Caddy
+// instances agree on where a client goes without sharing state. If the
+// chosen upstream cannot be dialled, the connection fails over to the next
+// upstream in its key's order of preference.
+type Handler struct {
+	// The upstreams to balance over, at least one. Each is a Caddy network
+	// address (`host:port`, `[::1]:port`, `tcp/host:port`, `udp/host:port`,
+	// `unix//path`) and an optional weight. An address without a network
+	// uses the network of the listener the connection came in on: tcp for
+	// TCP listeners, udp for UDP listeners.
+	Upstreams []*Upstream `json:"upstreams,omitempty"`
+
+	// What a connection is hashed by:
+	//
+	//   - `ip_port`: the client's IP address and port, godist's key. Every new
+	//     connection is spread on its own; a client's connections do not
+	//     stick together.
+	//   - `ip`: the client's IP address. All connections of a client go to
+	//     the same upstream (source-IP affinity), which per-client state on
+	//     the upstream (a database session, say) wants.
+	//   - any other string must hold Caddy placeholders, evaluated per
+	//     connection; for example `{l4.tls.server_name}` after caddy-l4's
+	//     `tls` matcher in the same route. If a placeholder in it is unknown
+	//     or empty for a connection (a client that sent no server name), that
+	//     connection is hashed by `ip_port` instead.
+	//
+	// An IPv4-mapped IPv6 client address counts as its IPv4 form.
+	//
+	// Default: `ip_port`.
+	HashKey string `json:"hash_key,omitempty"`
+
+	// How long to wait for one upstream to accept a connection before
+	// failing over to the next. A zero or unset value means the default.
+	//
+	// Default: 3s.
+	DialTimeout caddy.Duration `json:"dial_timeout,omitempty"`
+
+	// How long a connection may go without a byte moving in either
+	// direction before it is closed. Zero means never.
+	//
+	// Default: 0 (no idle timeout).
+	IdleTimeout caddy.Duration `json:"idle_timeout,omitempty"`
+
+	ctx     caddy.Context
+	logger  *zap.Logger
+	failLog *logLimiter // error lines on the per-connection path
+	keyKind hashKeyKind
+	picker  *Picker
+	pool    []*upstream // provisioned Upstreams, in the same order
+	dialer  net.Dialer
+}
+
+// Upstream is one backend of the pool.
+type Upstream struct {
+	// The network address to dial. It is also what the upstream's hash
+	// score is made of, so it is hashed exactly as written: the same list
+	// written the same way maps keys the same way everywhere.
+	Dial string `json:"dial"`
+
+	// The upstream's share of keys relative to the others: an upstream of
+	// weight 2 gets about twice the keys of one of weight 1. Must be at
+	// least 1; zero or unset means the default.
+	//
+	// Default: 1.
+	Weight int `json:"weight,omitempty"`
+}
+
+// CaddyModule returns the Caddy module information.
+func (*Handler) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "layer4.handlers.godist",
+		New: func() caddy.Module { return new(Handler) },
+	}
+}
+
+// Provision sets defaults and builds the picker and the upstreams' state.
+func (h *Handler) Provision(ctx caddy.Context) error {
+	h.ctx = ctx
+	h.logger = ctx.Logger()
+	h.failLog = newLogLimiter()
+
+	if h.DialTimeout == 0 {
+		h.DialTimeout = caddy.Duration(defaultDialTimeout)
+	}
+	for _, u := range h.Upstreams {
+		if u != nil && u.Weight == 0 {
+			u.Weight = 1
+		}
+	}
+
+	var err error
+	if h.keyKind, err = parseHashKey(h.HashKey); err != nil {
+		return err
+	}
+
+	pickerUpstreams := make([]PickerUpstream, 0, len(h.Upstreams))
+	for i, u := range h.Upstreams {
+		if u == nil {
+			return fmt.Errorf("upstream %d: missing", i)
+		}
+		pu, err := newUpstream(u)
+		if err != nil {
+			h.releaseUpstreams()
+			return fmt.Errorf("upstream %d (%s): %w", i, u.Dial, err)
+		}
+		h.pool = append(h.pool, pu)
+		pickerUpstreams = append(pickerUpstreams, PickerUpstream{Dial: u.Dial, Weight: u.Weight})
+	}
+	h.picker = NewPicker(pickerUpstreams)
+	h.dialer = net.Dialer{Timeout: time.Duration(h.DialTimeout)}
+	return nil
+}
+
+// Validate checks the configuration without changing it.
+func (h *Handler) Validate() error {
+	if len(h.Upstreams) == 0 {
+		return errors.New("upstreams: at least one upstream is required")
+	}
+	seen := make(map[string]int, len(h.Upstreams))
+	for i, u := range h.Upstreams {
+		if u.Weight < 1 {
+			return fmt.Errorf("upstream %d (%s): weight %d: must be at least 1", i, u.Dial, u.Weight)
+		}
+		if j, dup := seen[u.Dial]; dup {
+			return fmt.Errorf("upstream %d (%s): the same dial address as upstream %d", i, u.Dial, j)
+		}
+		seen[u.Dial] = i
+	}
+	if h.DialTimeout < 0 {
+		return fmt.Errorf("dial_timeout %s: must not be negative", time.Duration(h.DialTimeout))
+	}
+	if h.IdleTimeout < 0 {
+		return fmt.Errorf("idle_timeout %s: must not be negative", time.Duration(h.IdleTimeout))
+	}
+	return nil
+}
+
+// Cleanup releases the upstreams' shared state. Connections still flowing
+// keep their own reference to it and finish undisturbed.
+func (h *Handler) Cleanup() error {
+	h.releaseUpstreams()
+	return nil
+}
+
+func (h *Handler) releaseUpstreams() {
+	for _, u := range h.pool {
+		u.release()
+	}
+	h.pool = nil
+}
+
+// Interface guards
+var (
+	_ caddy.Module       = (*Handler)(nil)
+	_ caddy.Provisioner  = (*Handler)(nil)
+	_ caddy.Validator    = (*Handler)(nil)
+	_ caddy.CleanerUpper = (*Handler)(nil)
+	_ layer4.NextHandler = (*Handler)(nil)
+)

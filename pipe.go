@@ -1,0 +1,423 @@
+// Copyright 2026 The caddy-godist Authors
+// SPDX-License-Identifier: Apache-2.0
+
+package godist
+
+import (
+	"errors"
+	"io"
+	"net"
+	"os"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/mholt/caddy-l4/layer4"
+	"github.com/pires/go-proxyproto"
+)
+
+// This file moves bytes between a client and its upstream.
+//
+// Ownership: the handler's goroutine owns the session. It starts one more
+// goroutine for the client-to-upstream direction and copies the
+// upstream-to-client direction itself, then waits for both. It closes the
+// upstream connection; caddy-l4 closes the client connection when Handle
+// returns. Nothing else closes either of them: an abort (an error in one
+// direction, or the idle timeout) only sets deadlines in the past, which
+// wakes both directions so that they return.
+//
+// While a connection is idle it holds its two sockets and the two parked
+// goroutines' stacks, nothing more: every buffer or kernel pipe is taken
+// only once a socket is readable, and given back before the next wait.
+
+// side names the end of a connection.
+type side uint8
+
+const (
+	sideNone side = iota
+	sideClient
+	sideUpstream
+)
+
+func (s side) String() string {
+	switch s {
+	case sideClient:
+		return "client"
+	case sideUpstream:
+		return "upstream"
+	}
+	return "none"
+}
+
+// session is one client connection piped to one upstream.
+type session struct {
+	down *layer4.Connection
+	up   net.Conn
+
+	idleTimeout time.Duration
+	lastActive  atomic.Int64 // unix nanoseconds of the last byte moved, when idleTimeout > 0
+	idleTimer   *time.Timer
+
+	aborted atomic.Bool
+	cause   error // why the session was aborted; written once, before aborted is set
+
+	upward sync.WaitGroup // the client-to-upstream goroutine
+
+	// Written by their own direction, read after both have ended.
+	toUpstream, toClient int64
+	upErr, downErr       error
+	firstEOF             atomic.Uint32 // the side whose EOF came first
+}
+
+// errIdle is why a session ends when no byte moved for the idle timeout.
+var errIdle = errors.New("idle timeout")
+
+// run pipes bytes both ways until both directions are done or the session
+// is aborted.
+func (s *session) run() {
+	if s.idleTimeout > 0 {
+		s.touch()
+		s.idleTimer = time.AfterFunc(s.idleTimeout, s.checkIdle)
+	}
+
+	s.upward.Add(1)
+	go s.copyUpward()
+	s.copyDownward()
+	s.upward.Wait()
+
+	if s.idleTimer != nil {
+		s.idleTimer.Stop()
+	}
+}
+
+// copyUpward copies what the client sends to the upstream.
+func (s *session) copyUpward() {
+	defer s.upward.Done()
+	n, err := s.forwardPrefetched()
+	if err == nil {
+		var m int64
+		m, err = copyStream(writeEndpoint(s.up), readEndpoint(s.down), s)
+		n += m
+	}
+	s.toUpstream, s.upErr = n, err
+	s.finish(sideClient, s.up, err)
+}
+
+// copyDownward copies what the upstream sends to the client.
+func (s *session) copyDownward() {
+	n, err := copyStream(writeEndpoint(s.down), readEndpoint(s.up), s)
+	s.toClient, s.downErr = n, err
+	s.finish(sideUpstream, s.down, err)
+}
+
+// finish ends one direction: on the reading side's EOF it passes the
+// half-close on to the other side, whose opposite direction keeps flowing;
+// on an error it aborts the whole session.
+func (s *session) finish(from side, dst net.Conn, err error) {
+	if err != nil {
+		s.abort(err)
+		return
+	}
+	s.firstEOF.CompareAndSwap(uint32(sideNone), uint32(from))
+	if cw, ok := innermost(dst).(closeWriter); ok && isStream(dst) {
+		if cw.CloseWrite() == nil {
+			return
+		}
+	}
+	// A datagram flow, or a connection that cannot half-close: nothing more
+	// can be passed on, so end the other direction too.
+	s.abort(nil)
+}
+
+// abort wakes both directions so that they return. cause is nil when the
+// session ends normally but cannot wait for the other direction.
+func (s *session) abort(cause error) {
+	if !s.aborted.CompareAndSwap(false, true) {
+		return
+	}
+	s.cause = cause
+	past := time.Unix(1, 0)
+	_ = s.up.SetDeadline(past)
+	_ = s.down.SetReadDeadline(past)
+	if isStream(s.down) {
+		// Not for a UDP client: caddy-l4's per-client packet connection
+		// passes write deadlines on to the listener's shared socket.
+		_ = s.down.SetWriteDeadline(past)
+	}
+}
+
+// closedByAbort reports whether err is the consequence of abort rather than
+// a fault of its own.
+func (s *session) closedByAbort(err error) bool {
+	return s.aborted.Load() && (errors.Is(err, os.ErrDeadlineExceeded) || errors.Is(err, net.ErrClosed))
+}
+
+// touch records that a byte moved, for the idle timeout.
+func (s *session) touch() {
+	if s.idleTimeout > 0 {
+		s.lastActive.Store(time.Now().UnixNano())
+	}
+}
+
+// checkIdle runs when the idle timer fires: it aborts the session if
+// nothing moved for the whole timeout, or sets the timer for the rest.
+func (s *session) checkIdle() {
+	idleFor := time.Duration(time.Now().UnixNano() - s.lastActive.Load())
+	if idleFor >= s.idleTimeout {
+		s.abort(errIdle)
+		return
+	}
+	s.idleTimer.Reset(s.idleTimeout - idleFor)
+}
+
+// forwardPrefetched sends the bytes that caddy-l4 read from the client
+// while matching routes, which must reach the upstream before anything
+// read from the socket after them.
+func (s *session) forwardPrefetched() (int64, error) {
+	if len(s.down.MatchingBytes()) == 0 {
+		return 0, nil
+	}
+	buf := getBuffer()
+	defer putBuffer(buf)
+	var total int64
+	for len(s.down.MatchingBytes()) > 0 {
+		// Reading from the connection, not the slice, consumes the bytes.
+		n, err := s.down.Read(*buf)
+		if n > 0 {
+			if _, werr := s.up.Write((*buf)[:n]); werr != nil {
+				return total, werr
+			}
+			total += int64(n)
+			s.touch()
+		}
+		if err != nil {
+			return total, err
+		}
+	}
+	return total, nil
+}
+
+// endpoint is one end of a direction of copying.
+type endpoint struct {
+	conn net.Conn        // read or write through this when raw is nil
+	raw  syscall.RawConn // the socket itself, when bytes may bypass conn
+}
+
+// readEndpoint returns where to read a connection's bytes from. The socket
+// may be read directly only if no wrapper above it holds buffered bytes:
+// a layer4.Connection whose prefetched bytes were forwarded holds none.
+func readEndpoint(c net.Conn) endpoint {
+	inner := c
+	if cx, ok := c.(*layer4.Connection); ok && len(cx.MatchingBytes()) == 0 {
+		inner = cx.Conn
+	}
+	return endpoint{conn: c, raw: rawConn(inner)}
+}
+
+// writeEndpoint returns where to write a connection's bytes to: wrappers
+// that pass writes through unchanged are skipped.
+func writeEndpoint(c net.Conn) endpoint {
+	inner := innermost(c)
+	return endpoint{conn: inner, raw: rawConn(inner)}
+}
+
+// innermost unwraps the connection wrappers that pass writes through
+// unchanged (and keep no write buffer), down to the socket.
+func innermost(c net.Conn) net.Conn {
+	for {
+		switch w := c.(type) {
+		case *layer4.Connection:
+			c = w.Conn
+		case *proxyproto.Conn:
+			c = w.Raw()
+		default:
+			return c
+		}
+	}
+}
+
+// rawConn returns the socket of a TCP or unix stream connection, or nil for
+// anything else (TLS, datagrams, unknown wrappers).
+func rawConn(c net.Conn) syscall.RawConn {
+	var sc syscall.Conn
+	switch conn := c.(type) {
+	case *net.TCPConn:
+		sc = conn
+	case *net.UnixConn:
+		if conn.LocalAddr().Network() != "unix" {
+			return nil // unixgram and unixpacket keep message boundaries
+		}
+		sc = conn
+	default:
+		return nil
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return nil
+	}
+	return rc
+}
+
+// isStream reports whether c carries a byte stream rather than datagrams.
+func isStream(c net.Conn) bool {
+	switch innermost(c).LocalAddr().Network() {
+	case "udp", "udp4", "udp6", "unixgram", "ip", "ip4", "ip6":
+		return false
+	}
+	return true
+}
+
+// closeWriter is a connection that can shut down its writing half, sending
+// FIN while still reading: *net.TCPConn, *net.UnixConn, *tls.Conn.
+type closeWriter interface {
+	CloseWrite() error
+}
+
+// copyStream copies from src to dst until src's EOF (a nil error) or an
+// error. It moves bytes by the kernel's splice where both ends are sockets,
+// and otherwise through a pooled buffer taken only once src is readable.
+func copyStream(dst, src endpoint, s *session) (int64, error) {
+	if !isStream(src.conn) || !isStream(dst.conn) {
+		return copyDatagrams(dst.conn, src.conn, s)
+	}
+	var total int64
+	if src.raw != nil && dst.raw != nil {
+		n, err := spliceStream(dst.raw, src.raw, s)
+		total += n
+		if !errors.Is(err, errSpliceUnavailable) {
+			return total, s.wrapCopyErr(err)
+		}
+		// No pipe could be had (descriptors ran out, say): go on through
+		// a buffer, which needs none.
+	}
+	if src.raw != nil {
+		n, err := copyReadable(dst.conn, src.raw, s)
+		return total + n, s.wrapCopyErr(err)
+	}
+	n, err := copyBuffered(dst.conn, src.conn, s)
+	return total + n, s.wrapCopyErr(err)
+}
+
+// wrapCopyErr turns the errors that mean "the session was aborted" into
+// nil, so only genuine faults are reported, and EOF into nil.
+func (s *session) wrapCopyErr(err error) error {
+	if err == nil || errors.Is(err, io.EOF) {
+		return nil
+	}
+	if s.closedByAbort(err) {
+		return errAborted
+	}
+	return err
+}
+
+// errAborted is what a direction returns when it stopped because the
+// session was aborted, not because of its own fault.
+var errAborted = errors.New("session aborted")
+
+// copyReadable copies from a socket, taking a buffer only once the socket
+// is readable, and giving it back before waiting again.
+func copyReadable(dst net.Conn, src syscall.RawConn, s *session) (int64, error) {
+	var total int64
+	for {
+		var buf *[]byte
+		var n int
+		var rerr error
+		err := src.Read(func(fd uintptr) bool {
+			buf = getBuffer()
+			for {
+				n, rerr = syscall.Read(int(fd), *buf)
+				if rerr != syscall.EINTR {
+					break
+				}
+			}
+			if rerr == syscall.EAGAIN {
+				putBuffer(buf)
+				buf = nil
+				return false
+			}
+			return true
+		})
+		if err == nil {
+			err = rerr
+		}
+		if err != nil || n <= 0 {
+			if buf != nil {
+				putBuffer(buf)
+			}
+			return total, err // n == 0 with no error is EOF
+		}
+		_, werr := dst.Write((*buf)[:n])
+		putBuffer(buf)
+		if werr != nil {
+			return total, werr
+		}
+		total += int64(n)
+		s.touch()
+	}
+}
+
+// copyBuffered copies from a connection that is not a plain socket (a TLS
+// or PROXY-protocol wrapper); it holds its buffer while it waits.
+func copyBuffered(dst net.Conn, src net.Conn, s *session) (int64, error) {
+	buf := getBuffer()
+	defer putBuffer(buf)
+	var total int64
+	for {
+		n, err := src.Read(*buf)
+		if n > 0 {
+			if _, werr := dst.Write((*buf)[:n]); werr != nil {
+				return total, werr
+			}
+			total += int64(n)
+			s.touch()
+		}
+		if err != nil {
+			return total, err
+		}
+	}
+}
+
+// copyDatagrams relays datagrams one by one, keeping their boundaries.
+func copyDatagrams(dst net.Conn, src net.Conn, s *session) (int64, error) {
+	buf := datagramBuffers.Get().(*[]byte)
+	defer datagramBuffers.Put(buf)
+	var total int64
+	for {
+		n, err := src.Read(*buf)
+		if n > 0 {
+			if _, werr := dst.Write((*buf)[:n]); werr != nil {
+				return total, werr
+			}
+			total += int64(n)
+			s.touch()
+		}
+		if err != nil {
+			return total, err
+		}
+	}
+}
+
+// copyBufferSize is the size of the buffers of the copying paths that
+// cannot splice. 32 KiB moves bulk data in few system calls.
+const copyBufferSize = 32 << 10
+
+var copyBuffers = sync.Pool{New: func() any {
+	b := make([]byte, copyBufferSize)
+	return &b
+}}
+
+// datagramBuffers hold one whole datagram of the largest size UDP allows.
+var datagramBuffers = sync.Pool{New: func() any {
+	b := make([]byte, 64<<10)
+	return &b
+}}
+
+// getBuffer returns a pooled copy buffer.
+func getBuffer() *[]byte {
+	return copyBuffers.Get().(*[]byte)
+}
+
+func putBuffer(b *[]byte) {
+	copyBuffers.Put(b)
+}
