@@ -5,7 +5,6 @@ package godist
 
 import (
 	"strconv"
-	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
@@ -137,7 +136,7 @@ func (p *optionParser) durationArg(dst *caddy.Duration) error {
 		return p.d.Errf("%s: invalid duration %q: %v", name, p.d.Val(), err)
 	}
 	if dur < 0 {
-		return p.d.Errf("%s: %s: must not be negative", name, time.Duration(dur))
+		return p.d.Errf("%s: %s: must not be negative", name, dur)
 	}
 	*dst = caddy.Duration(dur)
 	return nil

@@ -9,8 +9,9 @@ import (
 	"net"
 	"time"
 
-	"github.com/mholt/caddy-l4/layer4"
 	"go.uber.org/zap"
+
+	"github.com/mholt/caddy-l4/layer4"
 )
 
 // Handle picks an upstream for the connection by its hash key, dials it,
@@ -56,6 +57,7 @@ func (h *Handler) Handle(down *layer4.Connection, _ layer4.Handler) error {
 // connKey returns the string the connection is hashed by.
 func (h *Handler) connKey(down *layer4.Connection) string {
 	switch h.keyKind {
+	case keyIPPort:
 	case keyIP:
 		return addrKey(down.RemoteAddr(), false)
 	case keyTemplate:

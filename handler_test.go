@@ -7,9 +7,12 @@ import (
 	"bufio"
 	"bytes"
 	"crypto/sha256"
+	"crypto/tls"
 	"fmt"
 	"io"
 	"net"
+	"net/http"
+	"net/http/httptest"
 	"strings"
 	"sync"
 	"testing"
@@ -42,9 +45,7 @@ func TestPipeBytesIntact(t *testing.T) {
 		var wg sync.WaitGroup
 		errs := make(chan error, 32)
 		for i := range 32 {
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
+			wg.Go(func() {
 				payload := randomBytes(uint64(1000+i), 256<<10+i)
 				conn, err := net.DialTimeout("tcp", c.listen, testTimeout)
 				if err != nil {
@@ -59,7 +60,7 @@ func TestPipeBytesIntact(t *testing.T) {
 				if err != nil {
 					errs <- err
 				}
-			}()
+			})
 		}
 		wg.Wait()
 		close(errs)
@@ -161,13 +162,7 @@ func TestPrefetchedBytesGoFirst(t *testing.T) {
 // `ip` keeps all of a client's connections on one upstream, `ip_port`
 // spreads them, each as the picker says.
 func TestHashKeyAffinity(t *testing.T) {
-	var backends []*backend
-	var addrs []string
-	for i := range 3 {
-		be := startBackend(t, fmt.Sprintf("b%d", i), "", whoami)
-		backends = append(backends, be)
-		addrs = append(addrs, be.addr)
-	}
+	_, addrs := startBackends(t, 3, whoami)
 	picker := NewPicker([]PickerUpstream{{Dial: addrs[0]}, {Dial: addrs[1]}, {Dial: addrs[2]}})
 
 	for _, hashKey := range []string{"ip", "ip_port"} {
@@ -202,13 +197,7 @@ func TestHashKeyAffinity(t *testing.T) {
 // that a connection with every upstream down is closed at once while Caddy
 // keeps serving and recovers when an upstream comes back.
 func TestFailover(t *testing.T) {
-	var backends []*backend
-	var addrs []string
-	for i := range 3 {
-		be := startBackend(t, fmt.Sprintf("b%d", i), "", whoami)
-		backends = append(backends, be)
-		addrs = append(addrs, be.addr)
-	}
+	backends, addrs := startBackends(t, 3, whoami)
 	c := startCaddy(t, map[string]any{
 		"upstreams": upstreamsJSON(addrs...), "hash_key": "ip", "dial_timeout": "1s",
 	})
@@ -369,5 +358,57 @@ func TestLoadRejectsBadConfig(t *testing.T) {
 				t.Fatalf("after a refused /load: %q, %v", got, err)
 			}
 		})
+	}
+}
+
+// TestHashKeySNI balances TLS passthrough by the server name the client
+// asks for: caddy-l4's tls matcher sets {l4.tls.server_name}, and every
+// connection for one name lands on one backend, the one the picker names.
+// A client that sends no server name is hashed by ip_port instead.
+func TestHashKeySNI(t *testing.T) {
+	addrs := make([]string, 0, 3)
+	for i := range 3 {
+		srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+			fmt.Fprintf(w, "b%d", i)
+		}))
+		srv.StartTLS()
+		t.Cleanup(srv.Close)
+		addrs = append(addrs, srv.Listener.Addr().String())
+	}
+	route := godistRoute(map[string]any{"upstreams": upstreamsJSON(addrs...), "hash_key": "{l4.tls.server_name}"})
+	route["match"] = []any{map[string]any{"tls": map[string]any{}}}
+	c := startCaddyRoutes(t, "tcp", []map[string]any{route})
+	picker := NewPicker([]PickerUpstream{{Dial: addrs[0]}, {Dial: addrs[1]}, {Dial: addrs[2]}})
+
+	get := func(serverName string) (backend string, clientAddr net.Addr) {
+		t.Helper()
+		conn := c.dial(t)
+		defer conn.Close()
+		tc := tls.Client(conn, &tls.Config{ServerName: serverName, InsecureSkipVerify: true}) //nolint:gosec // test backends have throwaway certificates
+		if _, err := io.WriteString(tc, "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"); err != nil {
+			t.Fatalf("TLS through godist for %q: %v", serverName, err)
+		}
+		resp, err := http.ReadResponse(bufio.NewReader(tc), nil)
+		if err != nil {
+			t.Fatalf("reading the reply for %q: %v", serverName, err)
+		}
+		defer resp.Body.Close()
+		body, _ := io.ReadAll(resp.Body)
+		return string(body), conn.LocalAddr()
+	}
+
+	for _, name := range []string{"alpha.example", "beta.example", "gamma.example", "delta.example"} {
+		want := fmt.Sprintf("b%d", picker.Pick(name, nil))
+		for range 5 {
+			if got, _ := get(name); got != want {
+				t.Fatalf("server name %s landed on %s, the picker says %s", name, got, want)
+			}
+		}
+	}
+	for range 5 {
+		got, client := get("") // no SNI: falls back to the client's ip:port
+		if want := fmt.Sprintf("b%d", picker.Pick(addrKey(client, true), nil)); got != want {
+			t.Fatalf("a client without SNI at %s landed on %s, its ip_port key says %s", client, got, want)
+		}
 	}
 }

@@ -28,13 +28,14 @@ const (
 
 func (k hashKeyKind) String() string {
 	switch k {
+	case keyIPPort:
+		return HashKeyIPPort
 	case keyIP:
 		return HashKeyIP
 	case keyTemplate:
 		return "placeholder"
-	default:
-		return HashKeyIPPort
 	}
+	return "unknown"
 }
 
 // parseHashKey checks a hash_key value and says what kind it is. The empty

@@ -61,7 +61,7 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 				"hash_key":"ip","dial_timeout":500000000,"idle_timeout":3600000000000}`,
 		},
 		{
-			name:  "placeholder key",
+			name: "placeholder key",
 			input: `godist { 
 				to 127.0.0.1:443 
 				hash_key {l4.tls.server_name}

@@ -13,8 +13,9 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/mholt/caddy-l4/layer4"
 	"github.com/pires/go-proxyproto"
+
+	"github.com/mholt/caddy-l4/layer4"
 )
 
 // This file moves bytes between a client and its upstream.
@@ -42,12 +43,14 @@ const (
 
 func (s side) String() string {
 	switch s {
+	case sideNone:
+		return "none"
 	case sideClient:
 		return "client"
 	case sideUpstream:
 		return "upstream"
 	}
-	return "none"
+	return "unknown"
 }
 
 // session is one client connection piped to one upstream.

@@ -67,7 +67,8 @@ func (pp *pipePool) get() (*kernelPipe, error) {
 	}
 	// Best effort: a smaller pipe (the limit in /proc/sys/fs/pipe-max-size,
 	// or a user over pipe-user-pages-soft) only means more system calls.
-	_, _, _ = syscall.Syscall(syscall.SYS_FCNTL, uintptr(fds[0]), syscall.F_SETPIPE_SZ, pipeSize)
+	_, _, errno := syscall.Syscall(syscall.SYS_FCNTL, uintptr(fds[0]), syscall.F_SETPIPE_SZ, pipeSize)
+	_ = errno
 	return &kernelPipe{r: fds[0], w: fds[1]}, nil
 }
 

@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"math/rand/v2"
 	"net"
 	"net/http"
@@ -46,7 +47,7 @@ func freeAddr(t testing.TB) string {
 type caddyConfig struct {
 	AdminAddr string
 	Listen    string
-	Network   string          // "tcp" (default) or "udp"
+	Network   string           // "tcp" (default) or "udp"
 	Routes    []map[string]any // layer4 routes
 }
 
@@ -85,9 +86,7 @@ func (c caddyConfig) JSON(t testing.TB) []byte {
 // handler with the given options.
 func godistRoute(opts map[string]any) map[string]any {
 	h := map[string]any{"handler": "godist"}
-	for k, v := range opts {
-		h[k] = v
-	}
+	maps.Copy(h, opts)
 	return map[string]any{"handle": []any{h}}
 }
 
@@ -225,9 +224,7 @@ func (b *backend) serve() {
 		b.mu.Lock()
 		b.conns[c] = true
 		b.mu.Unlock()
-		b.wg.Add(1)
-		go func() {
-			defer b.wg.Done()
+		b.wg.Go(func() {
 			defer func() {
 				b.mu.Lock()
 				delete(b.conns, c)
@@ -236,7 +233,7 @@ func (b *backend) serve() {
 			}()
 			_ = c.SetDeadline(time.Now().Add(testTimeout))
 			b.handle(b, c)
-		}()
+		})
 	}
 }
 
@@ -250,6 +247,19 @@ func (b *backend) stop() {
 	}
 	b.mu.Unlock()
 	b.wg.Wait()
+}
+
+// startBackends starts n backends named b0, b1, ... and returns them with
+// their addresses.
+func startBackends(t testing.TB, n int, handle func(b *backend, c net.Conn)) ([]*backend, []string) {
+	t.Helper()
+	backends := make([]*backend, n)
+	addrs := make([]string, n)
+	for i := range n {
+		backends[i] = startBackend(t, fmt.Sprintf("b%d", i), "", handle)
+		addrs[i] = backends[i].addr
+	}
+	return backends, addrs
 }
 
 // echo copies everything back and passes a half-close on.

@@ -104,9 +104,8 @@ func parseDial(dial string) (network, address string, err error) {
 	if err != nil {
 		return "", "", fmt.Errorf("invalid dial address: %v", err)
 	}
-	switch {
-	case na.Network == "", na.Network == "tcp", na.Network == "tcp4", na.Network == "tcp6",
-		na.Network == "udp", na.Network == "udp4", na.Network == "udp6":
+	switch na.Network {
+	case "", "tcp", "tcp4", "tcp6", "udp", "udp4", "udp6":
 		if na.Host == "" {
 			return "", "", fmt.Errorf("invalid dial address: missing host")
 		}
@@ -117,7 +116,7 @@ func parseDial(dial string) (network, address string, err error) {
 			return "", "", fmt.Errorf("invalid dial address: a port range is not an upstream; list each port")
 		}
 		return na.Network, na.JoinHostPort(0), nil
-	case na.Network == "unix":
+	case "unix":
 		if na.Host == "" {
 			return "", "", fmt.Errorf("invalid dial address: missing socket path")
 		}

@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# End-to-end check of what a user does: build Caddy with this module through
+# xcaddy, list its modules, adapt and run the example, push a JSON config
+# through the admin API, and send traffic through it. Loopback only.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+work=$(mktemp -d)
+mkdir -p "$work/bin" "$work/home"
+caddy="$work/bin/caddy"
+admin=127.0.0.1:2019
+cleanup() {
+	"$caddy" stop --address "$admin" >/dev/null 2>&1 || true
+	[ -n "${caddy_pid:-}" ] && kill "$caddy_pid" 2>/dev/null || true
+	rm -rf "$work"
+}
+trap cleanup EXIT
+
+fail() { echo "FAIL: $*" >&2; [ -f "$work/caddy.log" ] && tail -30 "$work/caddy.log" >&2; exit 1; }
+
+echo "--- xcaddy build"
+go run github.com/caddyserver/xcaddy/cmd/xcaddy@v0.4.5 build v2.11.9 \
+	--with github.com/bcca9c24/caddy-godist@v0.0.0=. --output "$caddy"
+
+echo "--- list-modules"
+"$caddy" list-modules | grep -qx 'layer4.handlers.godist' || fail "layer4.handlers.godist not in list-modules"
+
+echo "--- adapt and validate the example"
+"$caddy" adapt --config examples/Caddyfile --validate > "$work/example.json" || fail "adapting examples/Caddyfile"
+grep -q '"handler":"godist"' "$work/example.json" || fail "adapted example has no godist handler"
+
+echo "--- a bad Caddyfile is refused with its line"
+printf '{\n\tlayer4 {\n\t\t127.0.0.1:9 {\n\t\t\troute {\n\t\t\t\tgodist 127.0.0.1:1 {\n\t\t\t\t\tweight 2\n\t\t\t\t}\n\t\t\t}\n\t\t}\n\t}\n}\n' > "$work/bad.Caddyfile"
+if out=$("$caddy" adapt --config "$work/bad.Caddyfile" 2>&1); then fail "bad Caddyfile adapted"; fi
+echo "$out" | grep -q "unrecognized subdirective 'weight', at .*bad.Caddyfile:6" || fail "unexpected error for a bad Caddyfile: $out"
+
+echo "--- run the example"
+HOME="$work/home" XDG_CONFIG_HOME="$work/home" XDG_DATA_HOME="$work/home" "$caddy" run --config examples/Caddyfile > "$work/caddy.log" 2>&1 &
+caddy_pid=$!
+for _ in $(seq 1 100); do
+	curl -fsS -m 1 "http://$admin/config/" >/dev/null 2>&1 && break
+	sleep 0.1
+done
+seen=""
+for _ in $(seq 1 30); do
+	reply=$(curl -fsS -m 5 http://127.0.0.1:8080/) || fail "curl through godist"
+	case "$reply" in
+		"backend 400"[012]" answered") seen="$seen ${reply:8:4}" ;;
+		*) fail "unexpected reply through godist: $reply" ;;
+	esac
+done
+distinct=$(echo $seen | tr ' ' '\n' | sort -u | wc -l)
+[ "$distinct" -eq 3 ] || fail "30 connections reached only $distinct backends:$seen"
+echo "30 connections spread over $distinct backends"
+
+echo "--- push a JSON config through the admin API"
+cat > "$work/server.json" <<JSON
+{"listen": ["127.0.0.1:8081"], "routes": [{"handle": [{"handler": "godist", "hash_key": "ip",
+  "upstreams": [{"dial": "localhost:4000"}, {"dial": "localhost:4001", "weight": 2}, {"dial": "localhost:4002"}]}]}]}
+JSON
+curl -fsS -m 10 -X PUT -H 'Content-Type: application/json' --data-binary "@$work/server.json" \
+	"http://$admin/config/apps/layer4/servers/e2e" || fail "PUT a layer4 server through the admin API"
+first=$(curl -fsS -m 5 http://127.0.0.1:8081/) || fail "curl through the pushed config"
+for _ in $(seq 1 10); do
+	again=$(curl -fsS -m 5 http://127.0.0.1:8081/)
+	[ "$again" = "$first" ] || fail "hash_key ip moved a client: '$first' then '$again'"
+done
+echo "hash_key ip kept 11 connections on one backend: $first"
+
+echo "--- a bad config through the admin API is refused and the old one keeps serving"
+bad_handler='{"handler":"godist","upstreams":[{"dial":"localhost:4000","weight":-1}]}'
+code=$(curl -sS -m 10 -o "$work/bad.out" -w '%{http_code}' -X POST -H 'Content-Type: application/json' \
+	--data "{\"apps\":{\"layer4\":{\"servers\":{\"bad\":{\"listen\":[\"127.0.0.1:8082\"],\"routes\":[{\"handle\":[$bad_handler]}]}}}}}" \
+	"http://$admin/load")
+[ "$code" = 400 ] || fail "bad config on /load answered $code: $(cat "$work/bad.out")"
+grep -q 'upstream 0 (localhost:4000): weight -1: must be at least 1' "$work/bad.out" || fail "bad config error: $(cat "$work/bad.out")"
+# /config/ paths answer provisioning errors with a 500 (Caddy's choice), with the same message
+code=$(curl -sS -m 10 -o "$work/bad.out" -w '%{http_code}' -X PUT -H 'Content-Type: application/json' \
+	--data "{\"listen\":[\"127.0.0.1:8082\"],\"routes\":[{\"handle\":[$bad_handler]}]}" \
+	"http://$admin/config/apps/layer4/servers/bad")
+[ "$code" -ge 400 ] || fail "bad config on /config/ answered $code"
+grep -q 'weight -1: must be at least 1' "$work/bad.out" || fail "bad config error: $(cat "$work/bad.out")"
+for port in 8080 8081; do
+	curl -fsS -m 5 "http://127.0.0.1:$port/" >/dev/null || fail "port $port stopped serving after a refused change"
+done
+
+echo "--- stop"
+"$caddy" stop --address "$admin" || fail "caddy stop"
+wait "$caddy_pid" || true
+caddy_pid=""
+echo "end-to-end check passed"

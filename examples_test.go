@@ -1,0 +1,97 @@
+// Copyright 2026 The caddy-godist Authors
+// SPDX-License-Identifier: Apache-2.0
+
+package godist
+
+import (
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"testing"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig"
+	_ "github.com/caddyserver/caddy/v2/modules/standard" // the HTTP backends of the demo
+)
+
+// TestExamples adapts every example config as `caddy adapt --validate`
+// does, so that an example can never rot: it must be formatted, adapt
+// without warnings, and provision.
+func TestExamples(t *testing.T) {
+	files, err := filepath.Glob("examples/*Caddyfile")
+	if err != nil || len(files) == 0 {
+		t.Fatalf("no examples found: %v", err)
+	}
+	for _, file := range files {
+		t.Run(filepath.Base(file), func(t *testing.T) {
+			adapted := adaptCaddyfile(t, file)
+			if err := caddy.Validate(mustConfig(t, adapted)); err != nil {
+				t.Fatalf("validating %s: %v", file, err)
+			}
+		})
+	}
+}
+
+// TestReadmeExample keeps the README's example honest: its Caddyfile is
+// examples/postgres.Caddyfile, and its JSON is what that adapts to.
+func TestReadmeExample(t *testing.T) {
+	readme, err := os.ReadFile("README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	section := string(readme)
+	start := strings.Index(section, "\n## Example\n")
+	if start < 0 {
+		t.Fatal("README has no '## Example' section")
+	}
+	section = section[start:]
+	blocks := regexp.MustCompile("(?s)```(caddyfile|json)\n(.*?)```").FindAllStringSubmatch(section, 2)
+	if len(blocks) != 2 || blocks[0][1] != "caddyfile" || blocks[1][1] != "json" {
+		t.Fatal("the README's example should be a caddyfile block followed by a json block")
+	}
+	example, err := os.ReadFile("examples/postgres.Caddyfile")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if stripComments(string(example)) != blocks[0][2] {
+		t.Errorf("the README's example Caddyfile differs from examples/postgres.Caddyfile:\n%s", blocks[0][2])
+	}
+	assertJSONEqual(t, adaptCaddyfile(t, "examples/postgres.Caddyfile"), blocks[1][2])
+}
+
+func adaptCaddyfile(t *testing.T, file string) []byte {
+	t.Helper()
+	body, err := os.ReadFile(file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, warnings, err := caddyconfig.GetAdapter("caddyfile").Adapt(body, map[string]any{"filename": file})
+	if err != nil {
+		t.Fatalf("adapting %s: %v", file, err)
+	}
+	for _, w := range warnings {
+		t.Errorf("adapting %s: warning: %s", file, w)
+	}
+	return out
+}
+
+func mustConfig(t *testing.T, adapted []byte) *caddy.Config {
+	t.Helper()
+	cfg := new(caddy.Config)
+	if err := caddy.StrictUnmarshalJSON(adapted, cfg); err != nil {
+		t.Fatalf("decoding adapted config: %v", err)
+	}
+	return cfg
+}
+
+// stripComments drops leading comment lines.
+func stripComments(s string) string {
+	var kept []string
+	for _, line := range strings.SplitAfter(s, "\n") {
+		if !strings.HasPrefix(line, "#") {
+			kept = append(kept, line)
+		}
+	}
+	return strings.Join(kept, "")
+}
