@@ -16,10 +16,22 @@ import (
 //		to <upstreams...>
 //		upstream <address> {
 //			weight <n>
+//			max_connections <n>
 //		}
 //		hash_key ip_port|ip|<placeholder string>
 //		dial_timeout <duration>
 //		idle_timeout <duration>
+//		max_connections <n>
+//
+//		health_interval <duration>
+//		health_timeout <duration>
+//		health_port <port>
+//		health_rise <n>
+//		health_fall <n>
+//		health_send <string>
+//		health_expect <string>
+//		fail_duration <duration>
+//		max_fails <n>
 //	}
 //
 // The same-line upstreams, `to` and `upstream` all add to one list; an
@@ -62,6 +74,28 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			err = p.durationArg(&h.DialTimeout)
 		case "idle_timeout":
 			err = p.durationArg(&h.IdleTimeout)
+		case "max_connections":
+			err = p.positiveIntArg(&h.MaxConnections)
+		case "health_interval":
+			err = p.durationArg(&h.activeChecks().Interval)
+		case "health_timeout":
+			err = p.durationArg(&h.activeChecks().Timeout)
+		case "health_port":
+			err = p.portArg(&h.activeChecks().Port)
+		case "health_rise":
+			err = p.positiveIntArg(&h.activeChecks().Rise)
+		case "health_fall":
+			err = p.positiveIntArg(&h.activeChecks().Fall)
+		case "health_send":
+			err = p.probeArg(&h.activeChecks().Send)
+		case "health_expect":
+			err = p.probeArg(&h.activeChecks().Expect)
+		case "fail_duration":
+			passive := h.passiveChecks()
+			passive.FailDuration = new(caddy.Duration)
+			err = p.durationArg(passive.FailDuration)
+		case "max_fails":
+			err = p.positiveIntArg(&h.passiveChecks().MaxFails)
 		default:
 			return d.Errf("unrecognized subdirective '%s'", option)
 		}
@@ -156,6 +190,58 @@ func (p *optionParser) positiveIntArg(dst *int) error {
 	return nil
 }
 
+// portArg reads one port number.
+func (p *optionParser) portArg(dst *int) error {
+	name := p.d.Val()
+	if err := p.oneArg(); err != nil {
+		return err
+	}
+	n, err := strconv.Atoi(p.d.Val())
+	if err != nil || n < 1 || n > 65535 {
+		return p.d.Errf("%s: %q: must be a port number, 1-65535", name, p.d.Val())
+	}
+	*dst = n
+	return nil
+}
+
+// probeArg reads one health check string, with its escapes unescaped.
+func (p *optionParser) probeArg(dst *string) error {
+	name := p.d.Val()
+	if err := p.oneArg(); err != nil {
+		return err
+	}
+	s, err := unescapeProbe(p.d.Val())
+	if err != nil {
+		return p.d.Errf("%s: %q: %v", name, p.d.Val(), err)
+	}
+	*dst = s
+	return nil
+}
+
+// activeChecks returns the handler's active health check config, making
+// it: any health_* option turns active checks on.
+func (h *Handler) activeChecks() *ActiveHealthChecks {
+	if h.HealthChecks == nil {
+		h.HealthChecks = new(HealthChecks)
+	}
+	if h.HealthChecks.Active == nil {
+		h.HealthChecks.Active = new(ActiveHealthChecks)
+	}
+	return h.HealthChecks.Active
+}
+
+// passiveChecks returns the handler's passive health check config, making
+// it.
+func (h *Handler) passiveChecks() *PassiveHealthChecks {
+	if h.HealthChecks == nil {
+		h.HealthChecks = new(HealthChecks)
+	}
+	if h.HealthChecks.Passive == nil {
+		h.HealthChecks.Passive = new(PassiveHealthChecks)
+	}
+	return h.HealthChecks.Passive
+}
+
 // addUpstream checks a dial address and appends it to the handler's
 // upstreams with the default weight.
 func (p *optionParser) addUpstream(h *Handler, dial string) error {
@@ -189,6 +275,8 @@ func (p *optionParser) upstreamBlock(h *Handler) error {
 		switch option {
 		case "weight":
 			err = inner.positiveIntArg(&u.Weight)
+		case "max_connections":
+			err = inner.positiveIntArg(&u.MaxConnections)
 		default:
 			return d.Errf("upstream %s: unrecognized subdirective '%s'", u.Dial, option)
 		}

@@ -19,23 +19,45 @@ import (
 // ways until both sides are done. It never returns an error for caddy-l4
 // to log: it logs what went wrong itself, rate-limited.
 func (h *Handler) Handle(down *layer4.Connection, _ layer4.Handler) error {
+	if h.MaxConnections > 0 {
+		if n := h.active.Add(1); n > int64(h.MaxConnections) {
+			h.active.Add(-1)
+			h.rejected.Add(1)
+			h.failLog.log(h.logger, "connection over max_connections closed",
+				zap.String("client", down.RemoteAddr().String()),
+				zap.Int("max_connections", h.MaxConnections))
+			return nil
+		}
+		defer h.active.Add(-1)
+	}
+	if !fdBudget.acquire() {
+		h.rejectedFD.Add(1)
+		h.failLog.log(h.logger, "connection closed: godist's connections hold all the file descriptors the process can spare",
+			zap.String("client", down.RemoteAddr().String()),
+			zap.Int64("descriptor_budget", fdBudget.currentLimit()))
+		return nil
+	}
+	defer fdBudget.release()
+
 	start := time.Now()
 	key := h.connKey(down)
 
-	u, up, attempts, err := h.dialUpstream(down, key)
-	if err != nil {
-		h.failLog.log(h.logger, "no upstream available",
+	var d dialOutcome
+	h.dialUpstream(down, key, &d)
+	if d.conn == nil {
+		h.failLog.log(h.logger, "no upstream available: connection closed",
 			zap.String("client", down.RemoteAddr().String()),
 			zap.String("key", key),
-			zap.Int("attempts", attempts),
-			zap.Error(err))
+			zap.Int("attempts", d.attempts),
+			zap.Error(d.err))
 		return nil
 	}
-	defer func() { _ = up.Close() }()
-	u.acquireConn()
-	defer u.releaseConn()
+	u := d.upstream
+	defer u.release()
+	defer func() { _ = d.conn.Close() }()
+	u.state.total.Add(1)
 
-	s := &session{down: down, up: up, idleTimeout: time.Duration(h.IdleTimeout)}
+	s := &session{down: down, up: d.conn, idleTimeout: time.Duration(h.IdleTimeout)}
 	s.run()
 
 	if ce := h.logger.Check(zap.DebugLevel, "connection closed"); ce != nil {
@@ -43,7 +65,9 @@ func (h *Handler) Handle(down *layer4.Connection, _ layer4.Handler) error {
 			zap.String("client", down.RemoteAddr().String()),
 			zap.String("key", key),
 			zap.String("upstream", u.dial),
-			zap.Int("attempts", attempts),
+			zap.Int("rank", h.rank(key, d.index)),
+			zap.Strings("skipped", h.describeSkipped(&d)),
+			zap.Int("attempts", d.attempts),
 			zap.Int64("bytes_to_upstream", s.toUpstream),
 			zap.Int64("bytes_to_client", s.toClient),
 			zap.Duration("duration", time.Since(start)),
@@ -71,40 +95,116 @@ func (h *Handler) connKey(down *layer4.Connection) string {
 	return addrKey(down.RemoteAddr(), true)
 }
 
-// dialUpstream dials the upstream that key prefers and, if that fails, the
-// next ones in key's order of preference, each bounded by dial_timeout,
-// until one answers or every one has been tried.
-func (h *Handler) dialUpstream(down *layer4.Connection, key string) (*upstream, net.Conn, int, error) {
+// dialOutcome is the result of dialUpstream, with the decisions behind it.
+type dialOutcome struct {
+	upstream *upstream // reserved: release it when the connection ends
+	index    int
+	conn     net.Conn
+	attempts int
+	err      error // why no upstream answered, when conn is nil
+
+	// Why upstreams were passed over; each bitset holds 128 upstreams
+	// without an allocation, and grows beyond that.
+	unhealthy, full, failed bitset
+	small                   [3][2]uint64
+}
+
+// dialUpstream dials the upstream that key prefers among the healthy ones
+// with room for a connection and, if that fails, the next ones in key's
+// order of preference, each bounded by dial_timeout. When no healthy
+// upstream answers, it goes on to the unhealthy ones in the same order,
+// since a health check can be wrong. An upstream at max_connections is
+// never dialled.
+func (h *Handler) dialUpstream(down *layer4.Connection, key string, d *dialOutcome) {
+	n := len(h.pool)
+	d.unhealthy, d.full, d.failed = newBitset(d.small[0][:], n), newBitset(d.small[1][:], n), newBitset(d.small[2][:], n)
 	listenerNet := down.LocalAddr().Network()
-	var small [2]uint64 // room for 128 upstreams without an allocation
-	tried := bitset(small[:])
-	if len(h.pool) > 128 {
-		tried = make(bitset, (len(h.pool)+63)/64)
-	}
 	var errs []error
-	attempts := 0
-	for {
-		i := h.picker.Pick(key, func(i int) bool { return !tried.has(i) })
-		if i < 0 {
-			return nil, nil, attempts, errors.Join(errs...)
+	for _, healthyOnly := range [...]bool{true, false} {
+		for {
+			i := h.picker.Pick(key, func(i int) bool {
+				if d.failed.has(i) || d.full.has(i) {
+					return false
+				}
+				if healthyOnly && !h.healthy(h.pool[i]) {
+					d.unhealthy.set(i)
+					return false
+				}
+				return true
+			})
+			if i < 0 {
+				break
+			}
+			u := h.pool[i]
+			if !u.reserve() {
+				d.full.set(i)
+				continue
+			}
+			d.attempts++
+			conn, err := h.dialer.Dial(u.dialNetwork(listenerNet), u.address)
+			if err == nil {
+				d.upstream, d.index, d.conn = u, i, conn
+				return
+			}
+			u.release()
+			d.failed.set(i)
+			if !isLocalResourceError(err) {
+				h.countDialFailure(u)
+			}
+			h.failLog.log(h.logger, "dial upstream",
+				zap.String("upstream", u.dial),
+				zap.String("client", down.RemoteAddr().String()),
+				zap.Error(err))
+			errs = append(errs, fmt.Errorf("upstream %s: %w", u.dial, err))
 		}
-		tried.set(i)
-		attempts++
-		u := h.pool[i]
-		conn, err := h.dialer.Dial(u.dialNetwork(listenerNet), u.address)
-		if err == nil {
-			return u, conn, attempts, nil
-		}
-		h.failLog.log(h.logger, "dial upstream",
-			zap.String("upstream", u.dial),
-			zap.String("client", down.RemoteAddr().String()),
-			zap.Error(err))
-		errs = append(errs, fmt.Errorf("upstream %s: %w", u.dial, err))
 	}
+	if d.attempts == 0 {
+		errs = append(errs, errAllFull)
+	}
+	d.err = errors.Join(errs...)
+}
+
+var errAllFull = errors.New("every upstream is at max_connections")
+
+// rank returns the place of upstream i in key's order of preference,
+// 1 for its first choice.
+func (h *Handler) rank(key string, i int) int {
+	var buf [16]int
+	for r, j := range h.picker.Order(key, buf[:0]) {
+		if j == i {
+			return r + 1
+		}
+	}
+	return 0
+}
+
+// describeSkipped lists the upstreams passed over for a connection, and
+// why, for its debug log line.
+func (h *Handler) describeSkipped(d *dialOutcome) []string {
+	var out []string
+	for i, u := range h.pool {
+		switch {
+		case d.failed.has(i):
+			out = append(out, u.dial+": dial failed")
+		case d.full.has(i):
+			out = append(out, u.dial+": at max_connections")
+		case d.unhealthy.has(i) && i != d.index:
+			out = append(out, u.dial+": unhealthy")
+		}
+	}
+	return out
 }
 
 // bitset marks upstreams by index.
 type bitset []uint64
+
+// newBitset returns a bitset for n upstreams, in small if it fits.
+func newBitset(small []uint64, n int) bitset {
+	if words := (n + 63) / 64; words > len(small) {
+		return make(bitset, words)
+	}
+	return small
+}
 
 func (b bitset) has(i int) bool { return b[i/64]&(1<<(i%64)) != 0 }
 func (b bitset) set(i int)      { b[i/64] |= 1 << (i % 64) }

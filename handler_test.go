@@ -345,6 +345,11 @@ func TestLoadRejectsBadConfig(t *testing.T) {
 		{name: "negative weight", opts: map[string]any{"upstreams": []any{map[string]any{"dial": "127.0.0.1:1", "weight": -2}}}, wantErr: "upstream 0 (127.0.0.1:1): weight -2: must be at least 1"},
 		{name: "bad hash_key", opts: map[string]any{"upstreams": upstreamsJSON("127.0.0.1:1"), "hash_key": "ipport"}, wantErr: `hash_key "ipport"`},
 		{name: "unknown field", opts: map[string]any{"upstreams": upstreamsJSON("127.0.0.1:1"), "hashkey": "ip"}, wantErr: `unknown field "hashkey"`},
+		{name: "zero health interval", opts: map[string]any{"upstreams": upstreamsJSON("127.0.0.1:1"), "health_checks": map[string]any{"active": map[string]any{"interval": "-1s"}}}, wantErr: "health_checks.active.interval -1s: must be positive"},
+		{name: "health port", opts: map[string]any{"upstreams": upstreamsJSON("127.0.0.1:1"), "health_checks": map[string]any{"active": map[string]any{"port": 70000}}}, wantErr: "health_checks.active.port 70000: must be a port number"},
+		{name: "max_fails", opts: map[string]any{"upstreams": upstreamsJSON("127.0.0.1:1"), "health_checks": map[string]any{"passive": map[string]any{"max_fails": -1}}}, wantErr: "health_checks.passive.max_fails -1: must be at least 1"},
+		{name: "max_connections", opts: map[string]any{"upstreams": upstreamsJSON("127.0.0.1:1"), "max_connections": -5}, wantErr: "max_connections -5: must not be negative"},
+		{name: "upstream max_connections", opts: map[string]any{"upstreams": []any{map[string]any{"dial": "127.0.0.1:1", "max_connections": -1}}}, wantErr: "upstream 0 (127.0.0.1:1): max_connections -1: must not be negative"},
 		{name: "duplicate upstream", opts: map[string]any{"upstreams": upstreamsJSON("127.0.0.1:1", "127.0.0.1:1")}, wantErr: "the same dial address as upstream 0"},
 	}
 	for _, tt := range tests {

@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"sync/atomic"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -77,6 +78,19 @@ type Handler struct {
 	// Default: 0 (no idle timeout).
 	IdleTimeout caddy.Duration `json:"idle_timeout,omitempty"`
 
+	// Health checks: which upstreams are up. Passive checks are on by
+	// default; active checks are off unless configured.
+	HealthChecks *HealthChecks `json:"health_checks,omitempty"`
+
+	// The most connections this handler pipes at once. A connection over
+	// the limit is closed as soon as it arrives, counted, and logged (at a
+	// limited rate). Connections still flowing from a previous config are
+	// not counted against the new one, as with HAProxy's and nginx's
+	// reloads. 0 means no limit.
+	//
+	// Default: 0.
+	MaxConnections int `json:"max_connections,omitempty"`
+
 	ctx     caddy.Context
 	logger  *zap.Logger
 	failLog *logLimiter // error lines on the per-connection path
@@ -84,6 +98,11 @@ type Handler struct {
 	picker  *Picker
 	pool    []*upstream // provisioned Upstreams, in the same order
 	dialer  net.Dialer
+	passive bool // whether failed dials count against upstreams
+
+	active     atomic.Int64  // connections piped by this handler now
+	rejected   atomic.Uint64 // connections closed over max_connections
+	rejectedFD atomic.Uint64 // connections closed over the descriptor budget
 }
 
 // Upstream is one backend of the pool.
@@ -99,6 +118,14 @@ type Upstream struct {
 	//
 	// Default: 1.
 	Weight int `json:"weight,omitempty"`
+
+	// The most connections open to this upstream at once, counted over
+	// every godist handler and config that names it. A full upstream is
+	// skipped for new connections like an unhealthy one: its keys go to
+	// their next choice until it has room again. 0 means no limit.
+	//
+	// Default: 0.
+	MaxConnections int `json:"max_connections,omitempty"`
 }
 
 // CaddyModule returns the Caddy module information.
@@ -124,8 +151,19 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		}
 	}
 
+	if h.HealthChecks == nil {
+		h.HealthChecks = new(HealthChecks)
+	}
+	h.HealthChecks.provision()
+	h.passive = h.HealthChecks.passiveEnabled()
+
 	var err error
 	if h.keyKind, err = parseHashKey(h.HashKey); err != nil {
+		return err
+	}
+	// Checked here as well as in Validate: the active checks start below,
+	// and must not start with values they cannot run with.
+	if err := h.HealthChecks.validate(); err != nil {
 		return err
 	}
 
@@ -144,6 +182,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 	h.picker = NewPicker(pickerUpstreams)
 	h.dialer = net.Dialer{Timeout: time.Duration(h.DialTimeout)}
+	h.startActiveChecks()
 	return nil
 }
 
@@ -157,6 +196,9 @@ func (h *Handler) Validate() error {
 		if u.Weight < 1 {
 			return fmt.Errorf("upstream %d (%s): weight %d: must be at least 1", i, u.Dial, u.Weight)
 		}
+		if u.MaxConnections < 0 {
+			return fmt.Errorf("upstream %d (%s): max_connections %d: must not be negative", i, u.Dial, u.MaxConnections)
+		}
 		if j, dup := seen[u.Dial]; dup {
 			return fmt.Errorf("upstream %d (%s): the same dial address as upstream %d", i, u.Dial, j)
 		}
@@ -168,21 +210,30 @@ func (h *Handler) Validate() error {
 	if h.IdleTimeout < 0 {
 		return fmt.Errorf("idle_timeout %s: must not be negative", time.Duration(h.IdleTimeout))
 	}
+	if h.MaxConnections < 0 {
+		return fmt.Errorf("max_connections %d: must not be negative", h.MaxConnections)
+	}
+	if h.HealthChecks != nil {
+		return h.HealthChecks.validate()
+	}
 	return nil
 }
 
 // Cleanup releases the upstreams' shared state. Connections still flowing
-// keep their own reference to it and finish undisturbed.
+// keep their own reference to it and finish undisturbed. The active health
+// checks stop by themselves: the config's context is done.
 func (h *Handler) Cleanup() error {
 	h.releaseUpstreams()
 	return nil
 }
 
+// releaseUpstreams drops the config's references. The pool itself stays:
+// a connection accepted by the old config's listener just before it
+// closed is still handled by this handler after Cleanup.
 func (h *Handler) releaseUpstreams() {
 	for _, u := range h.pool {
-		u.release()
+		u.releaseConfig()
 	}
-	h.pool = nil
 }
 
 // Interface guards

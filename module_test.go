@@ -69,6 +69,40 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 			want: `{"upstreams":[{"dial":"127.0.0.1:443"}],"hash_key":"{l4.tls.server_name}"}`,
 		},
 		{
+			name: "health checks and limits",
+			input: `godist 127.0.0.1:6379 {
+				upstream 127.0.0.1:6380 {
+					weight 2
+					max_connections 100
+				}
+				max_connections 1000
+				health_interval 5s
+				health_timeout 1s
+				health_port 9000
+				health_rise 2
+				health_fall 3
+				health_send "PING\r\n"
+				health_expect +PONG
+				fail_duration 30s
+				max_fails 2
+			}`,
+			want: `{"upstreams":[{"dial":"127.0.0.1:6379"},{"dial":"127.0.0.1:6380","weight":2,"max_connections":100}],
+				"max_connections":1000,
+				"health_checks":{
+					"active":{"interval":5000000000,"timeout":1000000000,"port":9000,"rise":2,"fall":3,"send":"PING\r\n","expect":"+PONG"},
+					"passive":{"fail_duration":30000000000,"max_fails":2}}}`,
+		},
+		{
+			name:  "passive checks off",
+			input: "godist 127.0.0.1:1 {\n fail_duration 0\n}",
+			want:  `{"upstreams":[{"dial":"127.0.0.1:1"}],"health_checks":{"passive":{"fail_duration":0}}}`,
+		},
+		{
+			name:  "a banner check with escapes",
+			input: "godist 127.0.0.1:22 {\n health_expect SSH-2.0\\x2d\n}",
+			want:  `{"upstreams":[{"dial":"127.0.0.1:22"}],"health_checks":{"active":{"expect":"SSH-2.0-"}}}`,
+		},
+		{
 			name:  "durations in days",
 			input: "godist 127.0.0.1:1 {\n idle_timeout 1d\n}",
 			want:  `{"upstreams":[{"dial":"127.0.0.1:1"}],"idle_timeout":86400000000000}`,
@@ -114,6 +148,14 @@ func TestUnmarshalCaddyfileErrors(t *testing.T) {
 		{name: "missing duration", input: "godist 127.0.0.1:1 {\n dial_timeout\n}", wantErr: "wrong argument count or unexpected line ending after 'dial_timeout'"},
 		{name: "extra argument", input: "godist 127.0.0.1:1 {\n hash_key ip port\n}", wantErr: "wrong argument count or unexpected line ending after 'hash_key'"},
 		{name: "bad hash_key", input: "godist 127.0.0.1:1 {\n hash_key source\n}", wantErr: `hash_key "source": must be ip_port, ip, or a string with a {placeholder}, at Testfile:2`},
+		{name: "health_port out of range", input: "godist 127.0.0.1:1 {\n health_port 70000\n}", wantErr: `health_port: "70000": must be a port number, 1-65535, at Testfile:2`},
+		{name: "health_rise zero", input: "godist 127.0.0.1:1 {\n health_rise 0\n}", wantErr: `health_rise: "0": must be a whole number of at least 1`},
+		{name: "bad escape", input: "godist 127.0.0.1:1 {\n health_send PING\\q\n}", wantErr: `health_send: "PING\\q": unknown escape \q at 4, at Testfile:2`},
+		{name: "short hex escape", input: "godist 127.0.0.1:1 {\n health_expect \\x4\n}", wantErr: `health_expect: "\\x4": \x at 0 needs two hex digits`},
+		{name: "max_fails twice", input: "godist 127.0.0.1:1 {\n max_fails 1\n max_fails 2\n}", wantErr: "max_fails already specified, at Testfile:3"},
+		{name: "negative fail_duration", input: "godist 127.0.0.1:1 {\n fail_duration -1s\n}", wantErr: "fail_duration: -1s: must not be negative"},
+		{name: "max_connections zero", input: "godist 127.0.0.1:1 {\n max_connections 0\n}", wantErr: `max_connections: "0": must be a whole number of at least 1`},
+		{name: "upstream max_connections twice", input: "godist {\n upstream 127.0.0.1:1 {\n  max_connections 1\n  max_connections 2\n }\n}", wantErr: "max_connections already specified, at Testfile:4"},
 		{name: "block on a plain option", input: "godist 127.0.0.1:1 {\n hash_key ip {\n  x\n }\n}", wantErr: "hash_key: does not take a block"},
 	}
 	for _, tt := range tests {

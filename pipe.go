@@ -243,6 +243,9 @@ func innermost(c net.Conn) net.Conn {
 // rawConn returns the socket of a TCP or unix stream connection, or nil for
 // anything else (TLS, datagrams, unknown wrappers).
 func rawConn(c net.Conn) syscall.RawConn {
+	if !rawSupported {
+		return nil
+	}
 	var sc syscall.Conn
 	switch conn := c.(type) {
 	case *net.TCPConn:
@@ -328,12 +331,7 @@ func copyReadable(dst net.Conn, src syscall.RawConn, s *session) (int64, error) 
 		var rerr error
 		err := src.Read(func(fd uintptr) bool {
 			buf = getBuffer()
-			for {
-				n, rerr = syscall.Read(int(fd), *buf)
-				if rerr != syscall.EINTR {
-					break
-				}
-			}
+			n, rerr = readFD(fd, *buf)
 			if rerr == syscall.EAGAIN {
 				putBuffer(buf)
 				buf = nil

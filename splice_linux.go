@@ -172,3 +172,14 @@ func spliceStream(dst, src syscall.RawConn, s *session) (total int64, err error)
 		s.touch()
 	}
 }
+
+// drain closes the pipes kept for reuse, giving their descriptors back.
+func (pp *pipePool) drain() {
+	pp.mu.Lock()
+	free := pp.free
+	pp.free = nil
+	pp.mu.Unlock()
+	for _, p := range free {
+		p.close()
+	}
+}

@@ -119,12 +119,21 @@ func startCaddyRoutes(t testing.TB, network string, routes []map[string]any) *te
 	if err := caddy.Load(cfg.JSON(t), true); err != nil {
 		t.Fatalf("loading config into Caddy: %v", err)
 	}
-	t.Cleanup(func() {
-		if err := caddy.Stop(); err != nil {
-			t.Errorf("stopping Caddy: %v", err)
-		}
-	})
+	t.Cleanup(func() { stopCaddy(t) })
 	return c
+}
+
+// stopCaddy stops the running config and the admin server with it (a
+// plain caddy.Stop leaves the admin endpoint of a config loaded through
+// /load running).
+func stopCaddy(t testing.TB) {
+	t.Helper()
+	if err := caddy.Load([]byte(`{"admin":{"disabled":true}}`), true); err != nil {
+		t.Errorf("stopping Caddy: %v", err)
+	}
+	if err := caddy.Stop(); err != nil {
+		t.Errorf("stopping Caddy: %v", err)
+	}
 }
 
 // load POSTs a full config to the admin API's /load and returns the status

@@ -5,7 +5,9 @@ package godist
 
 import (
 	"fmt"
+	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/caddyserver/caddy/v2"
 )
@@ -19,7 +21,8 @@ type upstream struct {
 	network string
 	address string // host:port, or a socket path
 
-	weight int
+	weight   int
+	maxConns int // 0: no limit
 
 	stateKey any // dial address boxed once, the key in upstreamStates
 	state    *upstreamState
@@ -35,10 +38,109 @@ type upstream struct {
 var upstreamStates = caddy.NewUsagePool()
 
 // upstreamState is what is known of an upstream across configs and
-// handlers. Its fields are atomics: every connection reads and writes them.
+// handlers. Its counters are atomics: every connection reads and writes
+// them. The zero value is an upstream that is up.
 type upstreamState struct {
-	active atomic.Int64  // connections open now
-	total  atomic.Uint64 // connections piped since the state was made
+	active       atomic.Int64  // connections open or being dialled now
+	total        atomic.Uint64 // connections piped since the state was made
+	dialFailures atomic.Uint64 // failed dials since the state was made
+
+	// Passive checks: the upstream is down until downUntil (unix
+	// nanoseconds; 0 when up), set when max_fails of the failed dials in
+	// failTimes fall within fail_duration.
+	downUntil atomic.Int64
+	failMu    sync.Mutex
+	failTimes []int64 // unix nanoseconds of the latest failed dials, oldest first
+
+	activeDown atomic.Bool // the active checks found it down
+
+	mu        sync.Mutex
+	passes    int       // consecutive passed active checks
+	fails     int       // consecutive failed active checks
+	since     time.Time // when the active state last changed
+	lastCheck time.Time
+	lastError string // why the last active check failed
+}
+
+// maxFailTimes bounds the failed dials remembered per upstream: enough for
+// any sensible max_fails.
+const maxFailTimes = 64
+
+// recordDialFailure counts a failed dial at now for the passive checks and
+// reports whether that took the upstream down.
+func (st *upstreamState) recordDialFailure(now int64, window time.Duration, maxFails int) (wentDown bool) {
+	st.failMu.Lock()
+	defer st.failMu.Unlock()
+	kept := st.failTimes[:0]
+	for _, t := range st.failTimes {
+		if now-t < int64(window) {
+			kept = append(kept, t)
+		}
+	}
+	if len(kept) == maxFailTimes {
+		kept = append(kept[:0], kept[1:]...)
+	}
+	st.failTimes = append(kept, now)
+	if len(st.failTimes) < maxFails {
+		return false
+	}
+	wasUp := st.downUntil.Load() <= now
+	st.downUntil.Store(now + int64(window))
+	return wasUp
+}
+
+// recentFailures counts the failed dials within window before now.
+func (st *upstreamState) recentFailures(now int64, window time.Duration) int {
+	st.failMu.Lock()
+	defer st.failMu.Unlock()
+	n := 0
+	for _, t := range st.failTimes {
+		if now-t < int64(window) {
+			n++
+		}
+	}
+	return n
+}
+
+// clearFailures forgets the failed dials, when an active check has just
+// connected, and reports whether the passive checks had it down.
+func (st *upstreamState) clearFailures(now int64) (wasDown bool) {
+	st.failMu.Lock()
+	defer st.failMu.Unlock()
+	st.failTimes = st.failTimes[:0]
+	return st.downUntil.Swap(0) > now
+}
+
+// recordActiveCheck counts one active check and reports whether the
+// upstream's state changed, and whether it is up now.
+func (st *upstreamState) recordActiveCheck(passed bool, rise, fall int, checkErr error) (changed, up bool) {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	now := time.Now()
+	st.lastCheck = now
+	down := st.activeDown.Load()
+	if passed {
+		st.passes++
+		st.fails = 0
+		st.lastError = ""
+		if down && st.passes >= rise {
+			st.activeDown.Store(false)
+			st.since = now
+			return true, true
+		}
+		return false, !down
+	}
+	st.fails++
+	st.passes = 0
+	if checkErr != nil {
+		st.lastError = checkErr.Error()
+	}
+	if !down && st.fails >= fall {
+		st.activeDown.Store(true)
+		st.since = now
+		return true, false
+	}
+	return false, !down
 }
 
 // Destruct implements caddy.Destructor; there is nothing to release.
@@ -61,26 +163,34 @@ func newUpstream(u *Upstream) (*upstream, error) {
 		network:  network,
 		address:  address,
 		weight:   u.Weight,
+		maxConns: u.MaxConnections,
 		stateKey: key,
 		state:    st.(*upstreamState),
 	}, nil
 }
 
-// release drops the config's reference to the upstream's shared state.
-func (u *upstream) release() {
+// releaseConfig drops the config's reference to the upstream's shared
+// state.
+func (u *upstream) releaseConfig() {
 	_, _ = upstreamStates.Delete(u.stateKey)
 }
 
-// acquireConn counts a new connection to the upstream, and holds the
-// upstream's shared state for as long as the connection lives.
-func (u *upstream) acquireConn() {
+// reserve counts a new connection to the upstream before it is dialled,
+// unless the upstream is at max_connections, and holds the upstream's
+// shared state for as long as the connection lives. Every successful
+// reserve is undone by release.
+func (u *upstream) reserve() bool {
+	n := u.state.active.Add(1)
+	if u.maxConns > 0 && n > int64(u.maxConns) {
+		u.state.active.Add(-1)
+		return false
+	}
 	upstreamStates.LoadOrStore(u.stateKey, u.state)
-	u.state.active.Add(1)
-	u.state.total.Add(1)
+	return true
 }
 
-// releaseConn undoes acquireConn when a connection ends.
-func (u *upstream) releaseConn() {
+// release undoes reserve when a connection ends or its dial failed.
+func (u *upstream) release() {
 	u.state.active.Add(-1)
 	_, _ = upstreamStates.Delete(u.stateKey)
 }
