@@ -80,19 +80,7 @@ func (h *Handler) Handle(down *layer4.Connection, _ layer4.Handler) error {
 
 // connKey returns the string the connection is hashed by.
 func (h *Handler) connKey(down *layer4.Connection) string {
-	switch h.keyKind {
-	case keyIPPort:
-	case keyIP:
-		return addrKey(down.RemoteAddr(), false)
-	case keyTemplate:
-		// An unknown or empty placeholder means this connection lacks what
-		// the key is made of (no TLS server name, say): fall back to godist's
-		// key rather than send all such clients to one upstream.
-		if key, err := down.Replacer().ReplaceOrErr(h.HashKey, true, true); err == nil && key != "" {
-			return key
-		}
-	}
-	return addrKey(down.RemoteAddr(), true)
+	return h.hashKey.of(down)
 }
 
 // dialOutcome is the result of dialUpstream, with the decisions behind it.

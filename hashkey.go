@@ -8,6 +8,8 @@ import (
 	"net"
 	"net/netip"
 	"strings"
+
+	"github.com/mholt/caddy-l4/layer4"
 )
 
 // The two built-in values of hash_key. Anything else must be a string with
@@ -36,6 +38,36 @@ func (k hashKeyKind) String() string {
 		return "placeholder"
 	}
 	return "unknown"
+}
+
+// hashKey makes connections' hash keys, for the handler and for the
+// selection policy alike.
+type hashKey struct {
+	kind     hashKeyKind
+	template string // the hash_key with placeholders, for keyTemplate
+}
+
+// newHashKey checks a hash_key value and returns what makes its keys.
+func newHashKey(s string) (hashKey, error) {
+	kind, err := parseHashKey(s)
+	return hashKey{kind: kind, template: s}, err
+}
+
+// of returns the string a connection is hashed by.
+func (k hashKey) of(cx *layer4.Connection) string {
+	switch k.kind {
+	case keyIPPort:
+	case keyIP:
+		return addrKey(cx.RemoteAddr(), false)
+	case keyTemplate:
+		// An unknown or empty placeholder means this connection lacks what
+		// the key is made of (no TLS server name, say): fall back to godist's
+		// key rather than send all such clients to one upstream.
+		if key, err := cx.Replacer().ReplaceOrErr(k.template, true, true); err == nil && key != "" {
+			return key
+		}
+	}
+	return addrKey(cx.RemoteAddr(), true)
 }
 
 // parseHashKey checks a hash_key value and says what kind it is. The empty

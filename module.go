@@ -94,7 +94,7 @@ type Handler struct {
 	ctx     caddy.Context
 	logger  *zap.Logger
 	failLog *logLimiter // error lines on the per-connection path
-	keyKind hashKeyKind
+	hashKey hashKey
 	picker  *Picker
 	pool    []*upstream // provisioned Upstreams, in the same order
 	dialer  net.Dialer
@@ -158,7 +158,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	h.passive = h.HealthChecks.passiveEnabled()
 
 	var err error
-	if h.keyKind, err = parseHashKey(h.HashKey); err != nil {
+	if h.hashKey, err = newHashKey(h.HashKey); err != nil {
 		return err
 	}
 	// Checked here as well as in Validate: the active checks start below,

@@ -47,9 +47,8 @@ type SelectionPolicy struct {
 	// Default: `ip_port`.
 	HashKey string `json:"hash_key,omitempty"`
 
-	// keys makes the connection keys: a Handler used only for its connKey,
-	// so that the policy and the handler make a key by the one function.
-	keys *Handler
+	// keys makes the connection keys, as the godist handler does.
+	keys hashKey
 
 	// varKey names the per-connection state of this policy instance in
 	// the connection's vars: which upstreams it has been given.
@@ -74,11 +73,11 @@ func (*SelectionPolicy) CaddyModule() caddy.ModuleInfo {
 
 // Provision checks the hash key and sets up what makes connection keys.
 func (s *SelectionPolicy) Provision(caddy.Context) error {
-	kind, err := parseHashKey(s.HashKey)
+	keys, err := newHashKey(s.HashKey)
 	if err != nil {
 		return err
 	}
-	s.keys = &Handler{HashKey: s.HashKey, keyKind: kind}
+	s.keys = keys
 	s.varKey = "godist.lb_policy." + strconv.FormatUint(policyInstances.Add(1), 10)
 	return nil
 }
@@ -91,7 +90,7 @@ func (s *SelectionPolicy) Select(pool l4proxy.UpstreamPool, cx *layer4.Connectio
 		return nil
 	}
 	pp := s.pickerFor(pool)
-	key := s.keys.connKey(cx)
+	key := s.keys.of(cx)
 
 	// On a connection's first Select, the common case, nothing was tried
 	// and tried stays nil. Only a retry makes a set.

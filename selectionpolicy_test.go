@@ -292,7 +292,7 @@ func TestSelectionPolicyAllocations(t *testing.T) {
 	s := provisionedPolicy(t, "")
 	cx := testConn(t, "192.0.2.1:1")
 	_ = s.Select(pool, cx) // builds the picker, adds the var
-	keyAllocs := testing.AllocsPerRun(100, func() { _ = s.keys.connKey(cx) })
+	keyAllocs := testing.AllocsPerRun(100, func() { _ = s.keys.of(cx) })
 	allocs := testing.AllocsPerRun(100, func() {
 		cx.SetVar(s.varKey, nil) // a first Select each time
 		_ = s.Select(pool, cx)
