@@ -13,11 +13,10 @@ import (
 )
 
 // readmeSection returns the README section under heading, up to the next
-// heading of the same level, from README.md or, until it is merged there,
-// README.fit.md.
+// heading of the same level.
 func readmeSection(t *testing.T, heading string) string {
 	t.Helper()
-	for _, file := range []string{"README.md", "README.fit.md"} {
+	for _, file := range []string{"README.md"} {
 		b, err := os.ReadFile(file)
 		if err != nil {
 			continue
@@ -54,7 +53,7 @@ func fencedBlocks(section, lang string) []string {
 // TestReadmeGodistConf keeps the README's adapter output honest: it is
 // what examples/godist.conf adapts to.
 func TestReadmeGodistConf(t *testing.T) {
-	section := readmeSection(t, "## Running an unchanged godist.conf")
+	section := readmeSection(t, "### Running an unchanged godist.conf")
 	blocks := fencedBlocks(section, "json")
 	if len(blocks) != 1 {
 		t.Fatalf("want one json block in the section, found %d", len(blocks))

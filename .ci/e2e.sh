@@ -25,6 +25,12 @@ go run github.com/caddyserver/xcaddy/cmd/xcaddy@v0.4.5 build v2.11.9 \
 echo "--- list-modules"
 "$caddy" list-modules | grep -qx 'layer4.handlers.godist' || fail "layer4.handlers.godist not in list-modules"
 
+"$caddy" list-modules | grep -qx 'layer4.proxy.selection_policies.godist' || fail "layer4.proxy.selection_policies.godist not in list-modules"
+
+echo "--- caddy adapt --adapter godist on an unchanged godist.conf"
+"$caddy" adapt --adapter godist --config examples/godist.conf > "$work/godist.json" || fail "adapting examples/godist.conf"
+grep -q '"handler":"godist"' "$work/godist.json" || fail "adapted godist.conf has no godist handler"
+
 echo "--- adapt and validate the example"
 "$caddy" adapt --config examples/Caddyfile --validate > "$work/example.json" || fail "adapting examples/Caddyfile"
 grep -q '"handler":"godist"' "$work/example.json" || fail "adapted example has no godist handler"
