@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"sync/atomic"
 	"time"
 
 	"go.uber.org/zap"
@@ -23,6 +24,7 @@ func (h *Handler) Handle(down *layer4.Connection, _ layer4.Handler) error {
 		if n := h.active.Add(1); n > int64(h.MaxConnections) {
 			h.active.Add(-1)
 			h.rejected.Add(1)
+			rejectedOverLimit.Add(1)
 			h.failLog.log(h.logger, "connection over max_connections closed",
 				zap.String("client", down.RemoteAddr().String()),
 				zap.Int("max_connections", h.MaxConnections))
@@ -32,6 +34,7 @@ func (h *Handler) Handle(down *layer4.Connection, _ layer4.Handler) error {
 	}
 	if !fdBudget.acquire() {
 		h.rejectedFD.Add(1)
+		rejectedOverDescriptors.Add(1)
 		h.failLog.log(h.logger, "connection closed: godist's connections hold all the file descriptors the process can spare",
 			zap.String("client", down.RemoteAddr().String()),
 			zap.Int64("descriptor_budget", fdBudget.currentLimit()))
@@ -44,7 +47,11 @@ func (h *Handler) Handle(down *layer4.Connection, _ layer4.Handler) error {
 
 	var d dialOutcome
 	h.dialUpstream(down, key, &d)
+	if d.passedOver {
+		h.countFailovers(key, &d)
+	}
 	if d.conn == nil {
+		noUpstream.Add(1)
 		h.failLog.log(h.logger, "no upstream available: connection closed",
 			zap.String("client", down.RemoteAddr().String()),
 			zap.String("key", key),
@@ -57,8 +64,13 @@ func (h *Handler) Handle(down *layer4.Connection, _ layer4.Handler) error {
 	defer func() { _ = d.conn.Close() }()
 	u.state.total.Add(1)
 
-	s := &session{down: down, up: d.conn, idleTimeout: time.Duration(h.IdleTimeout)}
+	s := &session{down: down, up: d.conn, key: key, upstream: u, idleTimeout: time.Duration(h.IdleTimeout)}
+	h.sessions.add(s)
 	s.run()
+	h.sessions.remove(s)
+	// counted once per connection, not per read
+	u.state.bytesTo.Add(uint64(s.toUpstream))
+	u.state.bytesFrom.Add(uint64(s.toClient))
 
 	if ce := h.logger.Check(zap.DebugLevel, "connection closed"); ce != nil {
 		ce.Write(
@@ -78,6 +90,14 @@ func (h *Handler) Handle(down *layer4.Connection, _ layer4.Handler) error {
 	return nil
 }
 
+// Process-wide counts of connections that godist closed unpiped, for the
+// metrics; they outlive config reloads, as counters must.
+var (
+	rejectedOverLimit       atomic.Uint64 // over a handler's max_connections
+	rejectedOverDescriptors atomic.Uint64 // over the descriptor budget
+	noUpstream              atomic.Uint64 // no upstream answered
+)
+
 // connKey returns the string the connection is hashed by.
 func (h *Handler) connKey(down *layer4.Connection) string {
 	return h.hashKey.of(down)
@@ -95,6 +115,7 @@ type dialOutcome struct {
 	// without an allocation, and grows beyond that.
 	unhealthy, full, failed bitset
 	small                   [3][2]uint64
+	passedOver              bool // any upstream was skipped or failed
 }
 
 // dialUpstream dials the upstream that key prefers among the healthy ones
@@ -116,6 +137,7 @@ func (h *Handler) dialUpstream(down *layer4.Connection, key string, d *dialOutco
 				}
 				if healthyOnly && !h.healthy(h.pool[i]) {
 					d.unhealthy.set(i)
+					d.passedOver = true
 					return false
 				}
 				return true
@@ -126,6 +148,7 @@ func (h *Handler) dialUpstream(down *layer4.Connection, key string, d *dialOutco
 			u := h.pool[i]
 			if !u.reserve() {
 				d.full.set(i)
+				d.passedOver = true
 				continue
 			}
 			d.attempts++
@@ -136,6 +159,7 @@ func (h *Handler) dialUpstream(down *layer4.Connection, key string, d *dialOutco
 			}
 			u.release()
 			d.failed.set(i)
+			d.passedOver = true
 			if !isLocalResourceError(err) {
 				h.countDialFailure(u)
 			}
@@ -153,6 +177,21 @@ func (h *Handler) dialUpstream(down *layer4.Connection, key string, d *dialOutco
 }
 
 var errAllFull = errors.New("every upstream is at max_connections")
+
+// countFailovers counts a failover away from each upstream that the key
+// prefers to the one the connection got (or every upstream, if it got
+// none) and that was passed over: down, full, or failing to answer.
+func (h *Handler) countFailovers(key string, d *dialOutcome) {
+	var buf [16]int
+	for _, i := range h.picker.Order(key, buf[:0]) {
+		if d.conn != nil && i == d.index {
+			return
+		}
+		if d.failed.has(i) || d.full.has(i) || d.unhealthy.has(i) {
+			h.pool[i].state.failovers.Add(1)
+		}
+	}
+}
 
 // rank returns the place of upstream i in key's order of preference,
 // 1 for its first choice.

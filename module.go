@@ -100,6 +100,10 @@ type Handler struct {
 	dialer  net.Dialer
 	passive bool // whether failed dials count against upstreams
 
+	fingerprint string // digest of everything that decides a pick
+	cleanedUp   atomic.Bool
+	sessions    sessionList // connections flowing through this handler now
+
 	active     atomic.Int64  // connections piped by this handler now
 	rejected   atomic.Uint64 // connections closed over max_connections
 	rejectedFD atomic.Uint64 // connections closed over the descriptor budget
@@ -141,6 +145,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	h.ctx = ctx
 	h.logger = ctx.Logger()
 	h.failLog = newLogLimiter()
+	if err := registerMetrics(ctx.GetMetricsRegistry()); err != nil {
+		return fmt.Errorf("registering metrics: %w", err)
+	}
 
 	if h.DialTimeout == 0 {
 		h.DialTimeout = caddy.Duration(defaultDialTimeout)
@@ -174,14 +181,21 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		}
 		pu, err := newUpstream(u)
 		if err != nil {
-			h.releaseUpstreams()
+			// Caddy calls Cleanup after a failed Provision: it releases
+			// the upstreams already taken.
 			return fmt.Errorf("upstream %d (%s): %w", i, u.Dial, err)
 		}
 		h.pool = append(h.pool, pu)
 		pickerUpstreams = append(pickerUpstreams, PickerUpstream{Dial: u.Dial, Weight: u.Weight})
 	}
 	h.picker = NewPicker(pickerUpstreams)
+	h.fingerprint = fingerprint(h.HashKey, h.Upstreams)
 	h.dialer = net.Dialer{Timeout: time.Duration(h.DialTimeout)}
+	h.logger.Info("godist handler provisioned",
+		zap.String("fingerprint", h.fingerprint),
+		zap.String("hash_key", h.hashKey.kind.String()),
+		zap.Int("upstreams", len(h.pool)))
+	liveHandlers.add(h)
 	h.startActiveChecks()
 	return nil
 }
@@ -222,18 +236,19 @@ func (h *Handler) Validate() error {
 // Cleanup releases the upstreams' shared state. Connections still flowing
 // keep their own reference to it and finish undisturbed. The active health
 // checks stop by themselves: the config's context is done.
+// Cleanup may run more than once (after a failed Provision, say); only
+// the first does anything.
 func (h *Handler) Cleanup() error {
-	h.releaseUpstreams()
-	return nil
-}
-
-// releaseUpstreams drops the config's references. The pool itself stays:
-// a connection accepted by the old config's listener just before it
-// closed is still handled by this handler after Cleanup.
-func (h *Handler) releaseUpstreams() {
+	if !h.cleanedUp.CompareAndSwap(false, true) {
+		return nil
+	}
+	liveHandlers.remove(h)
+	// The pool itself stays: a connection accepted by the old config's
+	// listener just before it closed is still handled by this handler.
 	for _, u := range h.pool {
 		u.releaseConfig()
 	}
+	return nil
 }
 
 // Interface guards

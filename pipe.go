@@ -58,6 +58,10 @@ type session struct {
 	down *layer4.Connection
 	up   net.Conn
 
+	key        string    // what the client was hashed by
+	upstream   *upstream // where it went
+	prev, next *session  // in the handler's sessionList
+
 	idleTimeout time.Duration
 	lastActive  atomic.Int64 // unix nanoseconds of the last byte moved, when idleTimeout > 0
 	idleTimer   *time.Timer

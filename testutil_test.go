@@ -19,6 +19,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -153,11 +154,23 @@ func (c *testCaddy) adminRequest(method, path, contentType string, body []byte) 
 	if contentType != "" {
 		req.Header.Set("Content-Type", contentType)
 	}
-	// no keep-alive: a /load with an admin section restarts the admin server
+	// No keep-alive: a /load with an admin section restarts the admin
+	// server, on a new SO_REUSEPORT socket, and the kernel resets what
+	// waits in the old one's queue as it closes; such a request was never
+	// seen, so it is sent again.
 	client := &http.Client{Timeout: testTimeout, Transport: &http.Transport{DisableKeepAlives: true}}
-	resp, err := client.Do(req)
-	if err != nil {
-		c.t.Fatalf("%s %s: %v", method, path, err)
+	var resp *http.Response
+	for attempt := 0; ; attempt++ {
+		req.Body = io.NopCloser(bytes.NewReader(body))
+		var err error
+		resp, err = client.Do(req)
+		if err == nil {
+			break
+		}
+		if attempt == 5 || !errors.Is(err, syscall.ECONNRESET) {
+			c.t.Fatalf("%s %s: %v", method, path, err)
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 	defer resp.Body.Close()
 	b, _ := io.ReadAll(resp.Body)

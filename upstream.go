@@ -44,6 +44,9 @@ type upstreamState struct {
 	active       atomic.Int64  // connections open or being dialled now
 	total        atomic.Uint64 // connections piped since the state was made
 	dialFailures atomic.Uint64 // failed dials since the state was made
+	failovers    atomic.Uint64 // connections that preferred it but went elsewhere
+	bytesTo      atomic.Uint64 // bytes sent to it, counted as each connection ends
+	bytesFrom    atomic.Uint64 // bytes received from it, likewise
 
 	// Passive checks: the upstream is down until downUntil (unix
 	// nanoseconds; 0 when up), set when max_fails of the failed dials in

@@ -1,0 +1,103 @@
+// Copyright 2026 The caddy-godist Authors
+// SPDX-License-Identifier: Apache-2.0
+
+package godist
+
+import (
+	"errors"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// The metrics are read at scrape time from the counters godist keeps
+// anyway (per upstream in its shared state, and process-wide for the
+// connections it closes unpiped), so they cost the piping path nothing:
+// bytes are added once per connection as it ends, never per read.
+//
+// Per-upstream series are labelled by dial address. Health, failures and
+// counts are shared by every handler that names an upstream, so each
+// upstream has one series whatever the number of handlers, and its
+// counters run on across config reloads.
+
+const metricsNamespace = "caddy_layer4_godist"
+
+var (
+	descConnections = prometheus.NewDesc(metricsNamespace+"_upstream_connections_total",
+		"Connections piped to an upstream.", []string{"upstream"}, nil)
+	descActive = prometheus.NewDesc(metricsNamespace+"_upstream_active_connections",
+		"Connections open (or being dialled) to an upstream now.", []string{"upstream"}, nil)
+	descDialFailures = prometheus.NewDesc(metricsNamespace+"_upstream_dial_failures_total",
+		"Dials to an upstream that failed or timed out.", []string{"upstream"}, nil)
+	descFailovers = prometheus.NewDesc(metricsNamespace+"_upstream_failovers_total",
+		"Connections whose key preferred an upstream but that went elsewhere, because it was down, full or did not answer.",
+		[]string{"upstream"}, nil)
+	descBytesTo = prometheus.NewDesc(metricsNamespace+"_upstream_sent_bytes_total",
+		"Bytes sent to an upstream, counted when each connection ends.", []string{"upstream"}, nil)
+	descBytesFrom = prometheus.NewDesc(metricsNamespace+"_upstream_received_bytes_total",
+		"Bytes received from an upstream, counted when each connection ends.", []string{"upstream"}, nil)
+	descHealthy = prometheus.NewDesc(metricsNamespace+"_upstream_healthy",
+		"Whether an upstream is up (1) or down (0) by the active checks and the recent failed dials.", []string{"upstream"}, nil)
+	descRejected = prometheus.NewDesc(metricsNamespace+"_rejected_connections_total",
+		"Connections closed on arrival over a limit: a handler's max_connections, or the file descriptors the process can spare.",
+		[]string{"limit"}, nil)
+	descNoUpstream = prometheus.NewDesc(metricsNamespace+"_no_upstream_connections_total",
+		"Connections closed because no upstream answered.", nil, nil)
+)
+
+// collector reports godist's metrics to a Prometheus registry.
+type collector struct{}
+
+// registerMetrics adds godist's collector to a config's metrics registry.
+// Every godist handler of a config calls it; the first registers.
+func registerMetrics(reg *prometheus.Registry) error {
+	if reg == nil {
+		return nil
+	}
+	err := reg.Register(collector{})
+	if are := (prometheus.AlreadyRegisteredError{}); errors.As(err, &are) {
+		return nil
+	}
+	return err
+}
+
+// Describe implements prometheus.Collector.
+func (collector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{descConnections, descActive, descDialFailures, descFailovers,
+		descBytesTo, descBytesFrom, descHealthy, descRejected, descNoUpstream} {
+		ch <- d
+	}
+}
+
+// Collect implements prometheus.Collector.
+func (collector) Collect(ch chan<- prometheus.Metric) {
+	now := time.Now().UnixNano()
+	upstreamStates.Range(func(key, value any) bool {
+		dial, ok1 := key.(string)
+		st, ok2 := value.(*upstreamState)
+		if !ok1 || !ok2 {
+			return true
+		}
+		counter := func(d *prometheus.Desc, v uint64) {
+			ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, float64(v), dial)
+		}
+		counter(descConnections, st.total.Load())
+		counter(descDialFailures, st.dialFailures.Load())
+		counter(descFailovers, st.failovers.Load())
+		counter(descBytesTo, st.bytesTo.Load())
+		counter(descBytesFrom, st.bytesFrom.Load())
+		ch <- prometheus.MustNewConstMetric(descActive, prometheus.GaugeValue, float64(st.active.Load()), dial)
+		healthy := 1.0
+		if st.activeDown.Load() || st.downUntil.Load() > now {
+			healthy = 0
+		}
+		ch <- prometheus.MustNewConstMetric(descHealthy, prometheus.GaugeValue, healthy, dial)
+		return true
+	})
+	ch <- prometheus.MustNewConstMetric(descRejected, prometheus.CounterValue, float64(rejectedOverLimit.Load()), "max_connections")
+	ch <- prometheus.MustNewConstMetric(descRejected, prometheus.CounterValue, float64(rejectedOverDescriptors.Load()), "descriptors")
+	ch <- prometheus.MustNewConstMetric(descNoUpstream, prometheus.CounterValue, float64(noUpstream.Load()))
+}
+
+// Interface guard
+var _ prometheus.Collector = collector{}

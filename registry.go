@@ -1,0 +1,124 @@
+// Copyright 2026 The caddy-godist Authors
+// SPDX-License-Identifier: Apache-2.0
+
+package godist
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"slices"
+	"strconv"
+	"sync"
+)
+
+// This file keeps track of what is running, for the admin API and the
+// metrics: the godist handlers of the loaded configs, and the connections
+// flowing through each.
+
+// handlerRegistry lists the provisioned godist handlers, in the order they
+// were provisioned. A handler joins in Provision and leaves in Cleanup, so
+// during a reload both configs' handlers are listed for a moment.
+type handlerRegistry struct {
+	mu       sync.Mutex
+	handlers []*Handler
+}
+
+var liveHandlers handlerRegistry
+
+func (r *handlerRegistry) add(h *Handler) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.handlers = append(r.handlers, h)
+}
+
+func (r *handlerRegistry) remove(h *Handler) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if i := slices.Index(r.handlers, h); i >= 0 {
+		r.handlers = slices.Delete(r.handlers, i, i+1)
+	}
+}
+
+// list returns the handlers now registered.
+func (r *handlerRegistry) list() []*Handler {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return slices.Clone(r.handlers)
+}
+
+// sessionList holds the connections flowing through one handler, so that
+// the admin API can tell which of them a change of upstreams would move.
+// It is an intrusive doubly linked list: adding and removing a connection
+// allocates nothing and takes one short lock.
+type sessionList struct {
+	mu   sync.Mutex
+	head *session
+	n    int
+}
+
+func (l *sessionList) add(s *session) {
+	l.mu.Lock()
+	s.next = l.head
+	if l.head != nil {
+		l.head.prev = s
+	}
+	l.head = s
+	l.n++
+	l.mu.Unlock()
+}
+
+func (l *sessionList) remove(s *session) {
+	l.mu.Lock()
+	if s.prev != nil {
+		s.prev.next = s.next
+	} else {
+		l.head = s.next
+	}
+	if s.next != nil {
+		s.next.prev = s.prev
+	}
+	s.prev, s.next = nil, nil
+	l.n--
+	l.mu.Unlock()
+}
+
+// liveSession is what the admin API learns of a flowing connection.
+type liveSession struct {
+	key      string
+	upstream string // dial address
+}
+
+// snapshot returns the flowing connections' keys and upstreams.
+func (l *sessionList) snapshot() []liveSession {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	out := make([]liveSession, 0, l.n)
+	for s := l.head; s != nil; s = s.next {
+		out = append(out, liveSession{key: s.key, upstream: s.upstream.dial})
+	}
+	return out
+}
+
+// fingerprint digests everything that decides where a key goes: the
+// scoring function's version, the hash key, and each upstream's dial
+// address and weight. The order of the upstreams does not decide a pick,
+// so it does not change the fingerprint either. Two Caddy instances with
+// the same fingerprint send every key to the same upstream.
+func fingerprint(hashKey string, upstreams []*Upstream) string {
+	if hashKey == "" {
+		hashKey = HashKeyIPPort
+	}
+	lines := make([]string, 0, len(upstreams))
+	for _, u := range upstreams {
+		if u != nil {
+			lines = append(lines, strconv.Quote(u.Dial)+" "+strconv.Itoa(max(u.Weight, 1)))
+		}
+	}
+	slices.Sort(lines)
+	h := sha256.New()
+	h.Write([]byte(HashVersion + "\n" + strconv.Quote(hashKey) + "\n"))
+	for _, line := range lines {
+		h.Write([]byte(line + "\n"))
+	}
+	return hex.EncodeToString(h.Sum(nil))[:16]
+}
