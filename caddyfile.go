@@ -22,6 +22,7 @@ import (
 //		dial_timeout <duration>
 //		idle_timeout <duration>
 //		max_connections <n>
+//		proxy_protocol v1|v2
 //
 //		health_interval <duration>
 //		health_timeout <duration>
@@ -64,18 +65,15 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		case "upstream":
 			err = p.upstreamBlock(h)
 		case "hash_key":
-			err = p.stringArg(&h.HashKey)
-			if err == nil {
-				if _, kerr := parseHashKey(h.HashKey); kerr != nil {
-					err = d.WrapErr(kerr)
-				}
-			}
+			err = p.stringArg(&h.HashKey, func(s string) error { _, err := parseHashKey(s); return err })
 		case "dial_timeout":
 			err = p.durationArg(&h.DialTimeout)
 		case "idle_timeout":
 			err = p.durationArg(&h.IdleTimeout)
 		case "max_connections":
 			err = p.positiveIntArg(&h.MaxConnections)
+		case "proxy_protocol":
+			err = p.stringArg(&h.ProxyProtocol, func(s string) error { _, err := parseProxyProtocol(s); return err })
 		case "health_interval":
 			err = p.durationArg(&h.activeChecks().Interval)
 		case "health_timeout":
@@ -151,9 +149,13 @@ func (p *optionParser) oneArg() error {
 	return nil
 }
 
-func (p *optionParser) stringArg(dst *string) error {
+// stringArg reads one string, which check must accept.
+func (p *optionParser) stringArg(dst *string, check func(string) error) error {
 	if err := p.oneArg(); err != nil {
 		return err
+	}
+	if err := check(p.d.Val()); err != nil {
+		return p.d.WrapErr(err)
 	}
 	*dst = p.d.Val()
 	return nil

@@ -390,35 +390,6 @@ func TestFaultDescriptorsRunOut(t *testing.T) {
 	open.Close()
 }
 
-// exchange writes p and reads back as many bytes.
-func exchange(conn net.Conn, p []byte) ([]byte, error) {
-	errc := make(chan error, 1)
-	go func() {
-		_, err := conn.Write(p)
-		errc <- err
-	}()
-	got := make([]byte, len(p))
-	_, rerr := io.ReadFull(conn, got)
-	return got, errors.Join(<-errc, rerr)
-}
-
-// stateOf returns the shared state of the upstream dialled at addr.
-func stateOf(t testing.TB, addr string) *upstreamState {
-	t.Helper()
-	var found *upstreamState
-	upstreamStates.Range(func(key, value any) bool {
-		if key == addr {
-			found = value.(*upstreamState)
-			return false
-		}
-		return true
-	})
-	if found == nil {
-		t.Fatalf("no state for upstream %s", addr)
-	}
-	return found
-}
-
 // TestFaultReloadsWhileStreaming reloads the config every 200ms, changing
 // the upstream list, while clients stream data through and new clients
 // keep connecting: every stream that reached an upstream finishes intact.

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"net"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"go.uber.org/zap"
@@ -62,15 +63,32 @@ func (h *Handler) Handle(down *layer4.Connection, _ layer4.Handler) error {
 	u := d.upstream
 	defer u.release()
 	defer func() { _ = d.conn.Close() }()
+	up := d.conn
+	if h.ppVersion > 0 {
+		header, err := proxyHeader(h.ppVersion, down)
+		if err == nil {
+			up, err = sendProxyHeader(up, header)
+		}
+		if err != nil {
+			h.failLog.log(h.logger, "connection closed", zap.String("upstream", u.dial), zap.Error(err))
+			return nil
+		}
+	}
 	u.state.total.Add(1)
 
-	s := &session{down: down, up: d.conn, key: key, upstream: u, idleTimeout: time.Duration(h.IdleTimeout)}
+	s := &session{down: down, up: up, key: key, upstream: u, idleTimeout: time.Duration(h.IdleTimeout)}
 	h.sessions.add(s)
 	s.run()
 	h.sessions.remove(s)
 	// counted once per connection, not per read
 	u.state.bytesTo.Add(uint64(s.toUpstream))
 	u.state.bytesFrom.Add(uint64(s.toClient))
+	if s.toClient == 0 && errors.Is(s.downErr, syscall.ECONNREFUSED) {
+		// A UDP "dial" always succeeds; a refusal shows only when the
+		// first datagram bounces. It counts as the failed dial it is, so
+		// the client's retry goes to the key's next choice.
+		h.countDialFailure(u)
+	}
 
 	if ce := h.logger.Check(zap.DebugLevel, "connection closed"); ce != nil {
 		ce.Write(

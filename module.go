@@ -82,6 +82,16 @@ type Handler struct {
 	// default; active checks are off unless configured.
 	HealthChecks *HealthChecks `json:"health_checks,omitempty"`
 
+	// Send the PROXY protocol header to each upstream, so that it sees the
+	// client's address instead of Caddy's: `v1` (text) or `v2` (binary).
+	// The header carries the client's source and the address it connected
+	// to; after caddy-l4's `proxy_protocol` handler in the same route, the
+	// addresses that handler decoded. A UDP flow needs `v2`, which is sent
+	// in front of every datagram. Health checks never send it.
+	//
+	// Default: none.
+	ProxyProtocol string `json:"proxy_protocol,omitempty"`
+
 	// The most connections this handler pipes at once. A connection over
 	// the limit is closed as soon as it arrives, counted, and logged (at a
 	// limited rate). Connections still flowing from a previous config are
@@ -91,14 +101,15 @@ type Handler struct {
 	// Default: 0.
 	MaxConnections int `json:"max_connections,omitempty"`
 
-	ctx     caddy.Context
-	logger  *zap.Logger
-	failLog *logLimiter // error lines on the per-connection path
-	hashKey hashKey
-	picker  *Picker
-	pool    []*upstream // provisioned Upstreams, in the same order
-	dialer  net.Dialer
-	passive bool // whether failed dials count against upstreams
+	ctx       caddy.Context
+	logger    *zap.Logger
+	failLog   *logLimiter // error lines on the per-connection path
+	hashKey   hashKey
+	picker    *Picker
+	pool      []*upstream // provisioned Upstreams, in the same order
+	dialer    net.Dialer
+	passive   bool // whether failed dials count against upstreams
+	ppVersion byte // PROXY protocol version to send, 0 for none
 
 	fingerprint string // digest of everything that decides a pick
 	cleanedUp   atomic.Bool
@@ -166,6 +177,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 
 	var err error
 	if h.hashKey, err = newHashKey(h.HashKey); err != nil {
+		return err
+	}
+	if h.ppVersion, err = parseProxyProtocol(h.ProxyProtocol); err != nil {
 		return err
 	}
 	// Checked here as well as in Validate: the active checks start below,

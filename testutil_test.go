@@ -50,6 +50,8 @@ type caddyConfig struct {
 	Listen    string
 	Network   string           // "tcp" (default) or "udp"
 	Routes    []map[string]any // layer4 routes
+
+	ServerIdleTimeout string // the layer4 server's idle_timeout, for UDP flows
 }
 
 // testLogWriter is where Caddy's logs go in tests: nowhere, unless
@@ -73,7 +75,7 @@ func (c caddyConfig) JSON(t testing.TB) []byte {
 			"writer": testLogWriter(), "level": "DEBUG",
 		}}},
 		"apps": map[string]any{"layer4": map[string]any{"servers": map[string]any{
-			"test": map[string]any{"listen": []string{listen}, "routes": c.Routes},
+			"test": c.server(listen),
 		}}},
 	}
 	b, err := json.Marshal(cfg)
@@ -99,6 +101,14 @@ func upstreamsJSON(addrs ...string) []map[string]any {
 	return ups
 }
 
+func (c caddyConfig) server(listen string) map[string]any {
+	srv := map[string]any{"listen": []string{listen}, "routes": c.Routes}
+	if c.ServerIdleTimeout != "" {
+		srv["idle_timeout"] = c.ServerIdleTimeout
+	}
+	return srv
+}
+
 // testCaddy is Caddy running in the test process.
 type testCaddy struct {
 	t      testing.TB
@@ -115,13 +125,36 @@ func startCaddy(t testing.TB, opts map[string]any) *testCaddy {
 
 func startCaddyRoutes(t testing.TB, network string, routes []map[string]any) *testCaddy {
 	t.Helper()
-	c := &testCaddy{t: t, admin: freeAddr(t), listen: freeAddr(t)}
-	cfg := caddyConfig{AdminAddr: c.admin, Listen: c.listen, Network: network, Routes: routes}
+	return startCaddyConfig(t, caddyConfig{Network: network, Routes: routes})
+}
+
+// startCaddyConfig loads cfg, with the admin endpoint and listener on free
+// loopback ports, into Caddy in this process.
+func startCaddyConfig(t testing.TB, cfg caddyConfig) *testCaddy {
+	t.Helper()
+	cfg.AdminAddr = freeAddr(t)
+	if cfg.Network == "udp" {
+		cfg.Listen = freeUDPAddr(t)
+	} else {
+		cfg.Listen = freeAddr(t)
+	}
+	c := &testCaddy{t: t, admin: cfg.AdminAddr, listen: cfg.Listen}
 	if err := caddy.Load(cfg.JSON(t), true); err != nil {
 		t.Fatalf("loading config into Caddy: %v", err)
 	}
 	t.Cleanup(func() { stopCaddy(t) })
 	return c
+}
+
+// freeUDPAddr returns a loopback UDP address that was free a moment ago.
+func freeUDPAddr(t testing.TB) string {
+	t.Helper()
+	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatalf("finding a free UDP port: %v", err)
+	}
+	defer pc.Close()
+	return pc.LocalAddr().String()
 }
 
 // stopCaddy stops the running config and the admin server with it (a
@@ -228,6 +261,12 @@ func startBackend(t testing.TB, name, addr string, handle func(b *backend, c net
 	if err != nil {
 		t.Fatalf("backend %s: listen: %v", name, err)
 	}
+	return serveBackend(t, name, ln, handle)
+}
+
+// serveBackend serves every connection accepted by ln with handle.
+func serveBackend(t testing.TB, name string, ln net.Listener, handle func(b *backend, c net.Conn)) *backend {
+	t.Helper()
 	b := &backend{name: name, ln: ln, addr: ln.Addr().String(), handle: handle, conns: make(map[net.Conn]bool)}
 	b.wg.Add(1)
 	go b.serve()
@@ -371,4 +410,33 @@ func eventually(t testing.TB, timeout time.Duration, what string, check func() e
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
+}
+
+// stateOf returns the shared state of the upstream dialled at addr.
+func stateOf(t testing.TB, addr string) *upstreamState {
+	t.Helper()
+	var found *upstreamState
+	upstreamStates.Range(func(key, value any) bool {
+		if key == addr {
+			found = value.(*upstreamState)
+			return false
+		}
+		return true
+	})
+	if found == nil {
+		t.Fatalf("no state for upstream %s", addr)
+	}
+	return found
+}
+
+// exchange writes p and reads back as many bytes.
+func exchange(conn net.Conn, p []byte) ([]byte, error) {
+	errc := make(chan error, 1)
+	go func() {
+		_, err := conn.Write(p)
+		errc <- err
+	}()
+	got := make([]byte, len(p))
+	_, rerr := io.ReadFull(conn, got)
+	return got, errors.Join(<-errc, rerr)
 }
