@@ -8,6 +8,7 @@ import (
 	"encoding/hex"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 )
 
@@ -82,6 +83,13 @@ func (l *sessionList) remove(s *session) {
 	l.mu.Unlock()
 }
 
+// len returns the number of connections flowing now.
+func (l *sessionList) len() int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.n
+}
+
 // liveSession is what the admin API learns of a flowing connection.
 type liveSession struct {
 	key      string
@@ -104,7 +112,18 @@ func (l *sessionList) snapshot() []liveSession {
 // address and weight. The order of the upstreams does not decide a pick,
 // so it does not change the fingerprint either. Two Caddy instances with
 // the same fingerprint send every key to the same upstream.
+//
+// It is the first 16 hex digits of the SHA-256 of fingerprintText, which
+// the admin API shows so that anyone can recompute it.
 func fingerprint(hashKey string, upstreams []*Upstream) string {
+	sum := sha256.Sum256([]byte(fingerprintText(hashKey, upstreams)))
+	return hex.EncodeToString(sum[:])[:16]
+}
+
+// fingerprintText is what fingerprint digests: HashVersion, the quoted
+// hash key, then one line per upstream, its quoted dial address and its
+// weight, sorted; each line ends in a newline.
+func fingerprintText(hashKey string, upstreams []*Upstream) string {
 	if hashKey == "" {
 		hashKey = HashKeyIPPort
 	}
@@ -115,10 +134,10 @@ func fingerprint(hashKey string, upstreams []*Upstream) string {
 		}
 	}
 	slices.Sort(lines)
-	h := sha256.New()
-	h.Write([]byte(HashVersion + "\n" + strconv.Quote(hashKey) + "\n"))
+	var b strings.Builder
+	b.WriteString(HashVersion + "\n" + strconv.Quote(hashKey) + "\n")
 	for _, line := range lines {
-		h.Write([]byte(line + "\n"))
+		b.WriteString(line + "\n")
 	}
-	return hex.EncodeToString(h.Sum(nil))[:16]
+	return b.String()
 }

@@ -1,0 +1,340 @@
+// Copyright 2026 The caddy-godist Authors
+// SPDX-License-Identifier: Apache-2.0
+
+package godist
+
+import (
+	"fmt"
+	"slices"
+	"strings"
+	"time"
+)
+
+// This file reads what the running handlers know and would do, for the
+// admin API, without changing any of it: no counter moves, no expired
+// failure is cleared, nothing is logged. Each view is built from one
+// reading of the clock, so its parts agree with each other.
+
+// handlerStatus is a handler and the state of its upstreams, as
+// GET /godist/upstreams shows them.
+type handlerStatus struct {
+	// Handler is the handler's index in provisioning order: what the
+	// handler= parameter takes. It is stable only while the same config
+	// runs; Fingerprint names what the handler does.
+	Handler     int    `json:"handler"`
+	Fingerprint string `json:"fingerprint"`
+	HashKey     string `json:"hash_key"`
+
+	Connections    int    `json:"connections"`     // flowing through this handler now
+	MaxConnections int    `json:"max_connections"` // 0: no limit
+	RejectedOver   uint64 `json:"rejected_over_max_connections"`
+	RejectedFD     uint64 `json:"rejected_over_descriptors"`
+
+	ActiveChecks bool   `json:"active_checks"` // whether this handler runs active checks
+	FailDuration string `json:"fail_duration"` // "0s" when passive checks are off
+	MaxFails     int    `json:"max_fails"`
+
+	Upstreams []upstreamStatus `json:"upstreams"`
+}
+
+// upstreamStatus is one upstream of a handler. Its health is the
+// handler's view; its counts are per dial address, shared by every
+// handler and config that names the upstream, as the metrics are.
+type upstreamStatus struct {
+	Dial              string         `json:"dial"`
+	Weight            int            `json:"weight"`
+	MaxConnections    int            `json:"max_connections"` // 0: no limit
+	Health            healthStatus   `json:"health"`
+	ActiveConnections int64          `json:"active_connections"` // open or being dialled, over all handlers
+	Full              bool           `json:"full"`               // at max_connections: skipped for new connections
+	Totals            upstreamTotals `json:"totals"`
+}
+
+// healthStatus says whether a handler offers new connections to an
+// upstream, and why not.
+type healthStatus struct {
+	Status string `json:"status"` // "up" or "down"
+
+	// What took it down: "active_checks" (this handler's checks failed
+	// health_fall times in a row) and "failed_dials" (max_fails failed
+	// dials within fail_duration).
+	DownBy []string `json:"down_by,omitempty"`
+
+	// When it went down, or came back by an active check. Failed dials
+	// are remembered only within fail_duration of each other, so for a
+	// streak of them this is the earliest failed dial still remembered
+	// that took it down. Absent when not known: an upstream that never
+	// changed state, or one whose failed dials simply expired.
+	Since *time.Time `json:"since,omitempty"`
+
+	// When the failed dials stop keeping it down, unless more fail.
+	DownUntil *time.Time `json:"down_until,omitempty"`
+
+	RecentFailures int        `json:"recent_failures"` // failed dials within this handler's fail_duration
+	LastFailedDial *time.Time `json:"last_failed_dial,omitempty"`
+	LastCheck      *time.Time `json:"last_check,omitempty"`
+	LastCheckError string     `json:"last_check_error,omitempty"`
+}
+
+// upstreamTotals are the upstream's counters since its state was made.
+type upstreamTotals struct {
+	Connections   uint64 `json:"connections"`
+	DialFailures  uint64 `json:"dial_failures"`
+	Failovers     uint64 `json:"failovers"`
+	SentBytes     uint64 `json:"sent_bytes"`
+	ReceivedBytes uint64 `json:"received_bytes"`
+}
+
+// Values of healthStatus.DownBy.
+const (
+	downByActive  = "active_checks"
+	downByPassive = "failed_dials"
+)
+
+// status returns the handler's state and its upstreams', as of now.
+func (h *Handler) status(index int, now time.Time) handlerStatus {
+	hs := handlerStatus{
+		Handler:        index,
+		Fingerprint:    h.fingerprint,
+		HashKey:        h.hashKeyName(),
+		Connections:    h.sessions.len(),
+		MaxConnections: h.MaxConnections,
+		RejectedOver:   h.rejected.Load(),
+		RejectedFD:     h.rejectedFD.Load(),
+		ActiveChecks:   h.HealthChecks.Active != nil,
+		FailDuration:   h.failWindow().String(),
+		MaxFails:       h.HealthChecks.Passive.MaxFails,
+		Upstreams:      make([]upstreamStatus, len(h.pool)),
+	}
+	for i, u := range h.pool {
+		st := u.state
+		hs.Upstreams[i] = upstreamStatus{
+			Dial:              u.dial,
+			Weight:            u.weight,
+			MaxConnections:    u.maxConns,
+			Health:            h.healthStatus(u, now),
+			ActiveConnections: st.active.Load(),
+			Full:              u.full(),
+			Totals: upstreamTotals{
+				Connections:   st.total.Load(),
+				DialFailures:  st.dialFailures.Load(),
+				Failovers:     st.failovers.Load(),
+				SentBytes:     st.bytesTo.Load(),
+				ReceivedBytes: st.bytesFrom.Load(),
+			},
+		}
+	}
+	return hs
+}
+
+// hashKeyName returns the handler's hash_key with its default filled in.
+func (h *Handler) hashKeyName() string {
+	if h.HashKey == "" {
+		return HashKeyIPPort
+	}
+	return h.HashKey
+}
+
+// failWindow returns the passive checks' fail_duration, 0 when they are
+// off.
+func (h *Handler) failWindow() time.Duration {
+	if !h.passive {
+		return 0
+	}
+	return time.Duration(*h.HealthChecks.Passive.FailDuration)
+}
+
+// downBy says what keeps u from this handler's new connections at now, as
+// Handler.healthy decides, but without clearing an expired failure.
+func (h *Handler) downBy(u *upstream, now time.Time) (active, passive bool) {
+	active = h.HealthChecks.Active != nil && u.state.activeDown.Load()
+	passive = h.passive && now.UnixNano() < u.state.downUntil.Load()
+	return active, passive
+}
+
+// healthStatus returns u's health as this handler sees it at now.
+func (h *Handler) healthStatus(u *upstream, now time.Time) healthStatus {
+	st := u.state
+	activeDown, passiveDown := h.downBy(u, now)
+	activeSince, lastCheck, lastError := st.activeCheckState()
+	failed := st.failedDialTimes()
+
+	hs := healthStatus{
+		Status:         "up",
+		RecentFailures: st.recentFailures(now.UnixNano(), h.failWindow()),
+		LastCheck:      timeOrNil(lastCheck),
+		LastCheckError: lastError,
+	}
+	if len(failed) > 0 {
+		hs.LastFailedDial = timeOrNil(time.Unix(0, failed[len(failed)-1]))
+	}
+	var since time.Time
+	if activeDown {
+		hs.DownBy = append(hs.DownBy, downByActive)
+		since = activeSince
+	}
+	if passiveDown {
+		hs.DownBy = append(hs.DownBy, downByPassive)
+		hs.DownUntil = timeOrNil(time.Unix(0, st.downUntil.Load()))
+		// The max_fails-th of the remembered failed dials, oldest first,
+		// is the one that took it down: they all fall within one
+		// fail_duration, since older ones are dropped as each is recorded.
+		if len(failed) > 0 {
+			t := time.Unix(0, failed[min(h.HealthChecks.Passive.MaxFails, len(failed))-1])
+			if since.IsZero() || t.Before(since) {
+				since = t
+			}
+		}
+	}
+	if activeDown || passiveDown {
+		hs.Status = "down"
+	} else if h.HealthChecks.Active != nil {
+		since = activeSince // when the checks last brought it back, if ever
+	}
+	hs.Since = timeOrNil(since)
+	return hs
+}
+
+// full reports whether u is at its max_connections, so that a new
+// connection would not be offered to it (see upstream.reserve).
+func (u *upstream) full() bool {
+	return u.maxConns > 0 && u.state.active.Load() >= int64(u.maxConns)
+}
+
+// failedDialTimes returns the failed dials the state remembers, oldest
+// first, in unix nanoseconds.
+func (st *upstreamState) failedDialTimes() []int64 {
+	st.failMu.Lock()
+	defer st.failMu.Unlock()
+	return slices.Clone(st.failTimes)
+}
+
+// activeCheckState returns when the active checks last changed the
+// state, when the last check ran, and why it failed if it did.
+func (st *upstreamState) activeCheckState() (since, lastCheck time.Time, lastError string) {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	return st.since, st.lastCheck, st.lastError
+}
+
+func timeOrNil(t time.Time) *time.Time {
+	if t.IsZero() {
+		return nil
+	}
+	t = t.UTC()
+	return &t
+}
+
+// pickStatus is where a key goes now in one handler, and the order of
+// preference behind it, as GET /godist/pick shows them.
+type pickStatus struct {
+	Handler     int    `json:"handler"`
+	Fingerprint string `json:"fingerprint"`
+	HashKey     string `json:"hash_key"`
+	Key         string `json:"key"`
+
+	// The upstream a new connection with this key would be dialled at
+	// first, and its rank in Order; null when every upstream is at
+	// max_connections.
+	Upstream *string `json:"upstream"`
+	Rank     int     `json:"rank,omitempty"`
+
+	// Fallback is true when no upstream is usable: the handler then tries
+	// the unhealthy ones too, in the same order, and Upstream is the first
+	// of them with room.
+	Fallback bool `json:"fallback"`
+
+	Order []pickChoice `json:"order"`
+}
+
+// pickChoice is one upstream in a key's order of preference.
+type pickChoice struct {
+	Dial   string `json:"dial"`
+	Rank   int    `json:"rank"` // 1 for the key's first choice
+	Usable bool   `json:"usable"`
+	WhyNot string `json:"why_not,omitempty"`
+}
+
+// pick returns where key goes now: the upstream the handler's dial loop
+// would try first for it, skipping, as its first pass does, upstreams that
+// are down or full, and falling back to the unhealthy ones when none is
+// usable.
+func (h *Handler) pick(index int, key string, now time.Time) pickStatus {
+	n := len(h.pool)
+	whyNot := make([]string, n)
+	full := make([]bool, n)
+	for i, u := range h.pool {
+		full[i] = u.full()
+		whyNot[i] = h.whyNotUsable(u, full[i], now)
+	}
+	ps := pickStatus{
+		Handler:     index,
+		Fingerprint: h.fingerprint,
+		HashKey:     h.hashKeyName(),
+		Key:         key,
+		Order:       make([]pickChoice, 0, n),
+	}
+	chosen := h.picker.Pick(key, func(i int) bool { return whyNot[i] == "" })
+	if chosen < 0 {
+		ps.Fallback = true
+		chosen = h.picker.Pick(key, func(i int) bool { return !full[i] })
+	}
+	for r, i := range h.picker.Order(key, make([]int, 0, n)) {
+		ps.Order = append(ps.Order, pickChoice{Dial: h.pool[i].dial, Rank: r + 1, Usable: whyNot[i] == "", WhyNot: whyNot[i]})
+		if i == chosen {
+			ps.Upstream, ps.Rank = &h.pool[i].dial, r+1
+		}
+	}
+	return ps
+}
+
+// whyNotUsable says why the handler would not offer a new connection to u
+// at now, or returns "" if it would.
+func (h *Handler) whyNotUsable(u *upstream, full bool, now time.Time) string {
+	var why []string
+	switch activeDown, passiveDown := h.downBy(u, now); {
+	case activeDown && passiveDown:
+		why = append(why, "down by active checks and failed dials")
+	case activeDown:
+		why = append(why, "down by active checks")
+	case passiveDown:
+		why = append(why, "down by failed dials")
+	}
+	if full {
+		why = append(why, fmt.Sprintf("at max_connections (%d)", u.maxConns))
+	}
+	return strings.Join(why, "; ")
+}
+
+// fingerprintStatus is a handler's fingerprint and what it digests, as
+// GET /godist/fingerprint shows them.
+type fingerprintStatus struct {
+	Handler     int                `json:"handler"`
+	Fingerprint string             `json:"fingerprint"`
+	HashVersion string             `json:"hash_version"`
+	HashKey     string             `json:"hash_key"`
+	Upstreams   []weightedUpstream `json:"upstreams"`
+	Digested    string             `json:"digested"` // the fingerprint is the first 16 hex digits of its SHA-256
+}
+
+// weightedUpstream is what a fingerprint knows of an upstream.
+type weightedUpstream struct {
+	Dial   string `json:"dial"`
+	Weight int    `json:"weight"`
+}
+
+// fingerprintStatus returns the handler's fingerprint and its parts.
+func (h *Handler) fingerprintStatus(index int) fingerprintStatus {
+	ups := make([]weightedUpstream, len(h.pool))
+	for i, u := range h.pool {
+		ups[i] = weightedUpstream{Dial: u.dial, Weight: u.weight}
+	}
+	return fingerprintStatus{
+		Handler:     index,
+		Fingerprint: h.fingerprint,
+		HashVersion: HashVersion,
+		HashKey:     h.hashKeyName(),
+		Upstreams:   ups,
+		Digested:    fingerprintText(h.HashKey, h.Upstreams),
+	}
+}
