@@ -81,6 +81,14 @@ func TestMetrics(t *testing.T) {
 		}
 		sent += len(payload)
 		conn.Close()
+		// the handler lets go of a connection a moment after the client;
+		// with max_connections 2 the next one must wait for that
+		eventually(t, 5*time.Second, "the connection counted down", func() error {
+			if n := stateOf(t, be.addr).active.Load(); n != 0 {
+				return fmt.Errorf("%d active", n)
+			}
+			return nil
+		})
 	}
 	eventually(t, 5*time.Second, "the finished connections counted down", func() error {
 		if n := c.scrape(t)[fmt.Sprintf("%s_upstream_active_connections{upstream=%q}", metricsNamespace, be.addr)]; n != 0 {

@@ -73,6 +73,42 @@ for _ in $(seq 1 10); do
 done
 echo "hash_key ip kept 11 connections on one backend: $first"
 
+"$caddy" list-modules | grep -qx 'admin.api.godist' || fail "admin.api.godist not in list-modules"
+echo "--- the godist admin API"
+get() { curl -sS -m 5 -o "$work/api.out" -D "$work/api.hdr" -w '%{http_code}' "$@"; }
+has() { grep -q -- "$1" "$work/api.out" || fail "$2: no '$1' in: $(cat "$work/api.out")"; }
+code=$(get "http://$admin/godist/upstreams"); [ "$code" = 200 ] || fail "GET /godist/upstreams answered $code: $(cat "$work/api.out")"
+has '"hash_key":"ip_port"' /godist/upstreams; has '"hash_key":"ip"' /godist/upstreams
+for port in 4000 4001 4002; do
+	has "\"dial\":\"localhost:$port\",\"weight\":[12],\"max_connections\":0,\"health\":{\"status\":\"up\"" /godist/upstreams
+done
+# counts are per upstream, shared by both handlers and kept over the reload: 30 connections on 8080, 11 on 8081
+total=$(grep -o '"totals":{"connections":[0-9]*' "$work/api.out" | head -3 | awk -F: '{s += $3} END {print s}')
+[ "$total" = 41 ] || fail "/godist/upstreams counts $total connections, 41 were sent: $(cat "$work/api.out")"
+code=$(get "http://$admin/godist/fingerprint"); [ "$code" = 200 ] || fail "GET /godist/fingerprint answered $code"
+has '"fingerprint":"a81d3cd816205018","hash_version":"hrw-xxhash64-v1","hash_key":"ip_port"' /godist/fingerprint
+has '"fingerprint":"e94dcbb853807efc","hash_version":"hrw-xxhash64-v1","hash_key":"ip"' /godist/fingerprint
+handler=$(grep -o '"handler":[0-9]*,"fingerprint":"a81d3cd816205018"' "$work/api.out" | cut -d, -f1 | cut -d: -f2)
+code=$(get "http://$admin/godist/pick?ip=127.0.0.1&port=5555"); [ "$code" = 200 ] || fail "GET /godist/pick answered $code: $(cat "$work/api.out")"
+has '"hash_key":"ip_port","key":"127.0.0.1:5555","upstream":"localhost:400[012]"' /godist/pick
+has "\"hash_key\":\"ip\",\"key\":\"127.0.0.1\",\"upstream\":\"localhost:${first:8:4}\"" /godist/pick
+code=$(get "http://$admin/godist/pick?ip=127.0.0.1&port=99999"); [ "$code" = 400 ] || fail "a bad port on /godist/pick answered $code"
+has 'must be a number from 1 to 65535' "/godist/pick with a bad port"
+code=$(get -X POST -d '{"handler": '"$handler"', "upstreams": [{"dial": "localhost:4000"}, {"dial": "localhost:4001"}, {"dial": "localhost:4002"}, {"dial": "localhost:4003"}]}' "http://$admin/godist/plan")
+[ "$code" = 200 ] || fail "POST /godist/plan answered $code: $(cat "$work/api.out")"
+has '"moved_share":0\.2[3-7]' /godist/plan; has '"dial":"localhost:4003","change":"added","before":0,"after":0\.2' /godist/plan
+code=$(get -X POST -d '{"upstreams": [{"dial": "localhost:4000"}]}' "http://$admin/godist/plan"); [ "$code" = 400 ] || fail "a plan naming no handler answered $code"
+has 'handler: required when 2 godist handlers are running' "/godist/plan without a handler"
+code=$(get -X DELETE "http://$admin/godist/upstreams")
+[ "$code" = 405 ] && grep -qi '^allow: GET' "$work/api.hdr" || fail "DELETE /godist/upstreams answered $code"
+echo "the godist admin API answers"
+
+echo "--- metrics on the admin endpoint"
+curl -fsS -m 5 "http://$admin/metrics" > "$work/metrics.out" || fail "GET /metrics"
+grep -q '^caddy_layer4_godist_upstream_connections_total{upstream="localhost:4000"} [0-9]' "$work/metrics.out" || fail "no godist metrics: $(grep godist "$work/metrics.out" | head)"
+grep -q '^caddy_layer4_godist_upstream_healthy{upstream="localhost:4001"} 1' "$work/metrics.out" || fail "no healthy gauge"
+echo "godist metrics are on /metrics"
+
 echo "--- a bad config through the admin API is refused and the old one keeps serving"
 bad_handler='{"handler":"godist","upstreams":[{"dial":"localhost:4000","weight":-1}]}'
 code=$(curl -sS -m 10 -o "$work/bad.out" -w '%{http_code}' -X POST -H 'Content-Type: application/json' \
