@@ -52,6 +52,8 @@ type caddyConfig struct {
 	Routes    []map[string]any // layer4 routes
 
 	ServerIdleTimeout string // the layer4 server's idle_timeout, for UDP flows
+
+	Logs map[string]any // more logs beside the default one
 }
 
 // testLogWriter is where Caddy's logs go in tests: nowhere, unless
@@ -71,9 +73,7 @@ func (c caddyConfig) JSON(t testing.TB) []byte {
 	}
 	cfg := map[string]any{
 		"admin": map[string]any{"listen": c.AdminAddr, "config": map[string]any{"persist": false}},
-		"logging": map[string]any{"logs": map[string]any{"default": map[string]any{
-			"writer": testLogWriter(), "level": "DEBUG",
-		}}},
+		"logging": map[string]any{"logs": c.logs()},
 		"apps": map[string]any{"layer4": map[string]any{"servers": map[string]any{
 			"test": c.server(listen),
 		}}},
@@ -101,6 +101,12 @@ func upstreamsJSON(addrs ...string) []map[string]any {
 	return ups
 }
 
+func (c caddyConfig) logs() map[string]any {
+	logs := map[string]any{"default": map[string]any{"writer": testLogWriter(), "level": "DEBUG"}}
+	maps.Copy(logs, c.Logs)
+	return logs
+}
+
 func (c caddyConfig) server(listen string) map[string]any {
 	srv := map[string]any{"listen": []string{listen}, "routes": c.Routes}
 	if c.ServerIdleTimeout != "" {
@@ -114,6 +120,7 @@ type testCaddy struct {
 	t      testing.TB
 	admin  string
 	listen string
+	cfg    caddyConfig // what was loaded; load changes only its routes
 }
 
 // startCaddy loads a config with one godist route into Caddy in this
@@ -138,7 +145,7 @@ func startCaddyConfig(t testing.TB, cfg caddyConfig) *testCaddy {
 	} else {
 		cfg.Listen = freeAddr(t)
 	}
-	c := &testCaddy{t: t, admin: cfg.AdminAddr, listen: cfg.Listen}
+	c := &testCaddy{t: t, admin: cfg.AdminAddr, listen: cfg.Listen, cfg: cfg}
 	if err := caddy.Load(cfg.JSON(t), true); err != nil {
 		t.Fatalf("loading config into Caddy: %v", err)
 	}
@@ -174,7 +181,8 @@ func stopCaddy(t testing.TB) {
 // and body of the answer.
 func (c *testCaddy) load(routes []map[string]any) (int, string) {
 	c.t.Helper()
-	cfg := caddyConfig{AdminAddr: c.admin, Listen: c.listen, Routes: routes}
+	cfg := c.cfg
+	cfg.Routes = routes
 	return c.adminRequest(http.MethodPost, "/load", "application/json", cfg.JSON(c.t))
 }
 
