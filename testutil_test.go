@@ -72,7 +72,7 @@ func (c caddyConfig) JSON(t testing.TB) []byte {
 		listen = "udp/" + listen
 	}
 	cfg := map[string]any{
-		"admin": map[string]any{"listen": c.AdminAddr, "config": map[string]any{"persist": false}},
+		"admin":   map[string]any{"listen": c.AdminAddr, "config": map[string]any{"persist": false}},
 		"logging": map[string]any{"logs": c.logs()},
 		"apps": map[string]any{"layer4": map[string]any{"servers": map[string]any{
 			"test": c.server(listen),
