@@ -4,6 +4,7 @@
 package godist
 
 import (
+	"math"
 	"strconv"
 
 	"github.com/caddyserver/caddy/v2"
@@ -180,27 +181,23 @@ func (p *optionParser) durationArg(dst *caddy.Duration) error {
 
 // positiveIntArg reads one integer of at least 1.
 func (p *optionParser) positiveIntArg(dst *int) error {
-	name := p.d.Val()
-	if err := p.oneArg(); err != nil {
-		return err
-	}
-	n, err := strconv.Atoi(p.d.Val())
-	if err != nil || n < 1 {
-		return p.d.Errf("%s: %q: must be a whole number of at least 1", name, p.d.Val())
-	}
-	*dst = n
-	return nil
+	return p.intArg(dst, 1, math.MaxInt, "a whole number of at least 1")
 }
 
 // portArg reads one port number.
 func (p *optionParser) portArg(dst *int) error {
+	return p.intArg(dst, 1, 65535, "a port number, 1-65535")
+}
+
+// intArg reads one integer from lowest to highest, described by what.
+func (p *optionParser) intArg(dst *int, lowest, highest int, what string) error {
 	name := p.d.Val()
 	if err := p.oneArg(); err != nil {
 		return err
 	}
 	n, err := strconv.Atoi(p.d.Val())
-	if err != nil || n < 1 || n > 65535 {
-		return p.d.Errf("%s: %q: must be a port number, 1-65535", name, p.d.Val())
+	if err != nil || n < lowest || n > highest {
+		return p.d.Errf("%s: %q: must be %s", name, p.d.Val(), what)
 	}
 	*dst = n
 	return nil

@@ -104,17 +104,7 @@ func TestStateSurvivesReload(t *testing.T) {
 	checkNoLeaks(t)
 	live := startBackend(t, "live", "", whoami)
 	// an address where nothing listens, which 127.0.0.1 prefers over live
-	var dead string
-	for range 100 {
-		candidate := freeAddr(t)
-		if NewPicker([]PickerUpstream{{Dial: candidate}, {Dial: live.addr}}).Pick("127.0.0.1", nil) == 0 {
-			dead = candidate
-			break
-		}
-	}
-	if dead == "" {
-		t.Fatal("found no address that 127.0.0.1 prefers")
-	}
+	dead := deadAddrPreferred(t, "127.0.0.1", live.addr, freeAddr)
 	routes := func(dialTimeout string) []map[string]any {
 		return []map[string]any{godistRoute(map[string]any{
 			"upstreams": upstreamsJSON(dead, live.addr), "hash_key": "ip", "dial_timeout": dialTimeout,

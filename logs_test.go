@@ -96,17 +96,7 @@ func TestLogs(t *testing.T) {
 	be := startBackend(t, "echo", "", echo)
 	// a dead upstream that 127.0.0.1 prefers, so that every connection
 	// tries it first
-	var dead string
-	for range 100 {
-		candidate := freeAddr(t)
-		if NewPicker([]PickerUpstream{{Dial: be.addr}, {Dial: candidate}}).Pick("127.0.0.1", nil) == 1 {
-			dead = candidate
-			break
-		}
-	}
-	if dead == "" {
-		t.Fatal("found no address that 127.0.0.1 prefers")
-	}
+	dead := deadAddrPreferred(t, "127.0.0.1", be.addr, freeAddr)
 	name := t.Name()
 	capturedMu.Lock()
 	delete(captured, name) // from an earlier run of this test (-count)

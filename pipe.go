@@ -367,31 +367,24 @@ func copyReadable(dst net.Conn, src syscall.RawConn, s *session) (int64, error) 
 func copyBuffered(dst net.Conn, src net.Conn, s *session) (int64, error) {
 	buf := getBuffer()
 	defer putBuffer(buf)
-	var total int64
-	for {
-		n, err := src.Read(*buf)
-		if n > 0 {
-			if _, werr := dst.Write((*buf)[:n]); werr != nil {
-				return total, werr
-			}
-			total += int64(n)
-			s.touch()
-		}
-		if err != nil {
-			return total, err
-		}
-	}
+	return copyThrough(dst, src, *buf, s)
 }
 
-// copyDatagrams relays datagrams one by one, keeping their boundaries.
+// copyDatagrams relays datagrams one by one, keeping their boundaries: each
+// read returns one whole datagram, which one write sends on.
 func copyDatagrams(dst net.Conn, src net.Conn, s *session) (int64, error) {
 	buf := datagramBuffers.Get().(*[]byte)
 	defer datagramBuffers.Put(buf)
+	return copyThrough(dst, src, *buf, s)
+}
+
+// copyThrough copies from src to dst through buf until an error or EOF.
+func copyThrough(dst net.Conn, src net.Conn, buf []byte, s *session) (int64, error) {
 	var total int64
 	for {
-		n, err := src.Read(*buf)
+		n, err := src.Read(buf)
 		if n > 0 {
-			if _, werr := dst.Write((*buf)[:n]); werr != nil {
+			if _, werr := dst.Write(buf[:n]); werr != nil {
 				return total, werr
 			}
 			total += int64(n)

@@ -448,3 +448,18 @@ func exchange(conn net.Conn, p []byte) ([]byte, error) {
 	_, rerr := io.ReadFull(conn, got)
 	return got, errors.Join(<-errc, rerr)
 }
+
+// deadAddrPreferred returns an address where nothing listens (from free,
+// freeAddr or freeUDPAddr) that key prefers to live in a two-upstream
+// list, so that a test can be sure a connection tries it first.
+func deadAddrPreferred(t testing.TB, key, live string, free func(testing.TB) string) string {
+	t.Helper()
+	for range 100 {
+		candidate := free(t)
+		if NewPicker([]PickerUpstream{{Dial: live}, {Dial: candidate}}).Pick(key, nil) == 1 {
+			return candidate
+		}
+	}
+	t.Fatalf("found no address that %s prefers to %s", key, live)
+	return ""
+}

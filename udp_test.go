@@ -169,17 +169,7 @@ func TestUDPProxyProtocol(t *testing.T) {
 func TestUDPFailover(t *testing.T) {
 	live := startUDPBackend(t, "live")
 	// an address with nothing listening that 127.0.0.1 prefers to live
-	var dead string
-	for range 100 {
-		candidate := freeUDPAddr(t)
-		if NewPicker([]PickerUpstream{{Dial: live.addr}, {Dial: candidate}}).Pick("127.0.0.1", nil) == 1 {
-			dead = candidate
-			break
-		}
-	}
-	if dead == "" {
-		t.Fatal("found no address that 127.0.0.1 prefers")
-	}
+	dead := deadAddrPreferred(t, "127.0.0.1", live.addr, freeUDPAddr)
 	c := startCaddyConfig(t, caddyConfig{Network: "udp", ServerIdleTimeout: "200ms", Routes: []map[string]any{
 		godistRoute(map[string]any{"upstreams": upstreamsJSON(live.addr, dead), "hash_key": "ip"}),
 	}})
