@@ -129,10 +129,10 @@ func renderMarkdown(rep *report) string {
 		}
 	}
 	b.WriteString("\n## Ratios to direct\n\nEach figure divided by direct's: above 1 is faster than direct for throughput and conns/s, slower for latency.\n\n")
-	b.WriteString(ratioTable(rep.Peers, direct, ratioColumns))
+	b.WriteString(ratioTable(rep.Peers, direct, ratioColumns, false))
 	if splice != nil {
 		b.WriteString("\n## Proxy costs relative to HAProxy with splice forced\n\nEach figure divided by HAProxy (splice forced)'s: below 1 costs less.\n\n")
-		b.WriteString(ratioTable(rep.Peers, splice, cpuRatioColumns))
+		b.WriteString(ratioTable(rep.Peers, splice, cpuRatioColumns, false)) // direct has no proxy costs
 	}
 
 	b.WriteString("\n## Goals (issue 4)\n\nGodist's medians against the other peers' in this run; differences under 15% are noise (PEERS.md).\n\n")

@@ -206,8 +206,10 @@ func setupPeers(want map[string]bool, bs *backends, caddyBin, tmp string) ([]*pe
 // proxyEnv is the environment of the proxies: this one's, with a home of
 // their own, and one Go P for Caddy.
 func proxyEnv(dir string) []string {
-	env := []string{"HOME=" + dir, "XDG_CONFIG_HOME=" + dir, "XDG_DATA_HOME=" + dir, "GOMAXPROCS=1"}
-	for _, kv := range os.Environ() {
+	environ := os.Environ()
+	env := make([]string, 0, 4+len(environ))
+	env = append(env, "HOME="+dir, "XDG_CONFIG_HOME="+dir, "XDG_DATA_HOME="+dir, "GOMAXPROCS=1")
+	for _, kv := range environ {
 		switch strings.SplitN(kv, "=", 2)[0] {
 		case "HOME", "XDG_CONFIG_HOME", "XDG_DATA_HOME", "GOMAXPROCS", "GODEBUG", "GOGC", "GOMEMLIMIT":
 			continue
@@ -354,7 +356,7 @@ func findNginx() (bin, version string, loadModule bool, err error) {
 		if _, serr := os.Stat("/usr/sbin/nginx"); serr != nil {
 			return "", "", false, fmt.Errorf("nginx not installed: %s", installHint)
 		}
-		bin, err = "/usr/sbin/nginx", nil
+		bin = "/usr/sbin/nginx"
 	}
 	out, verr := exec.Command(bin, "-V").CombinedOutput() // nginx writes it to stderr
 	if verr != nil {

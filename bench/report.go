@@ -247,8 +247,9 @@ var cpuRatioColumns = []column{
 	{"fds per idle conn", []string{"fds_idle"}, fmt2},
 }
 
-// ratioTable divides each peer's figures by ref's.
-func ratioTable(results []*peerResult, ref *peerResult, cols []column) string {
+// ratioTable divides each peer's figures by ref's; direct's row is left
+// out unless withDirect.
+func ratioTable(results []*peerResult, ref *peerResult, cols []column, withDirect bool) string {
 	var b strings.Builder
 	titles := make([]string, len(cols))
 	for i, c := range cols {
@@ -256,8 +257,8 @@ func ratioTable(results []*peerResult, ref *peerResult, cols []column) string {
 	}
 	tableHeader(&b, titles)
 	for _, pr := range results {
-		if pr.Skipped != "" || pr == ref || pr.ID == "direct" && cols[0].keys[0] != ratioColumns[0].keys[0] {
-			continue // direct has no proxy costs
+		if pr.Skipped != "" || pr == ref || pr.ID == "direct" && !withDirect {
+			continue
 		}
 		cells := make([]string, len(cols))
 		for i, c := range cols {
