@@ -72,6 +72,8 @@ type runner struct {
 	bs  *backends
 
 	hist [pingPongConns][]uint32 // ping-pong histograms, reused
+
+	ksoftirqd map[int]int // CPU → pid of its ksoftirqd thread
 }
 
 // snapshot is the state at one end of a measured window.
@@ -80,10 +82,16 @@ type snapshot struct {
 	proxyCPU float64
 	loadCPU  float64
 	cpus     map[int]cpuTimes
+	softirq  map[int]float64 // CPU time of each CPU's ksoftirqd thread
 }
 
 func (r *runner) snap(p *peer) (snapshot, error) {
-	s := snapshot{at: time.Now(), loadCPU: selfCPU(), cpus: readCPUTimes()}
+	s := snapshot{at: time.Now(), loadCPU: selfCPU(), cpus: readCPUTimes(), softirq: map[int]float64{}}
+	for cpu, pid := range r.ksoftirqd {
+		if st, err := readProcStat(pid); err == nil {
+			s.softirq[cpu] = float64(st.utime+st.stime) / clockTicks
+		}
+	}
 	if p.srv != nil {
 		var err error
 		if s.proxyCPU, err = treeCPU(p.srv.pid()); err != nil {
@@ -116,6 +124,9 @@ func (r *runner) window(p *peer, s *sample, a, b snapshot) {
 		if name == "proxy" {
 			ours = s.ProxyCPU
 		}
+		// ksoftirqd works for whoever sends on that CPU: loopback packets
+		// our processes sent, mostly.
+		ours += b.softirq[cpu] - a.softirq[cpu]
 		s.Other[name] = max(0, float64(tb.task-ta.task)/total-ours/s.Seconds)
 	}
 }
@@ -129,6 +140,35 @@ func sleep(ctx context.Context, d time.Duration) error {
 		return nil
 	case <-ctx.Done():
 		return ctx.Err()
+	}
+}
+
+// waitQuiet waits, up to limit, for a moment when other processes use no
+// more than the -max-other share of either pinned CPU, sampled over 500 ms
+// with the load idle, and returns what they used in the last sample.
+func (r *runner) waitQuiet(ctx context.Context, p *peer, limit time.Duration) float64 {
+	if !r.pin.enabled {
+		return 0
+	}
+	deadline := time.Now().Add(limit)
+	for {
+		a, err := r.snap(p)
+		if err != nil {
+			return 0
+		}
+		if sleep(ctx, 500*time.Millisecond) != nil {
+			return 0
+		}
+		b, err := r.snap(p)
+		if err != nil {
+			return 0
+		}
+		var s sample
+		r.window(p, &s, a, b)
+		_, other := busiestOther(s)
+		if other <= r.opt.maxOther || time.Now().After(deadline) {
+			return other
+		}
 	}
 }
 

@@ -45,8 +45,9 @@ type options struct {
 	caddyBin   string
 	pprofDir   string
 	checkGoals bool
-	maxOther   float64 // repeat a test when other processes used more of a pinned CPU than this
-	retries    int     // at most this many times
+	maxOther   float64       // repeat a test when other processes used more of a pinned CPU than this
+	retries    int           // at most this many times
+	quietWait  time.Duration // before each timed test, wait at most this long for other processes to calm down
 }
 
 // pinning says which CPU the load tool and the proxies run on.
@@ -73,6 +74,7 @@ func parseFlags(args []string) (options, error) {
 	fs.StringVar(&opt.pprofDir, "pprof", "", "save CPU profiles of Caddy during the first repeat of each timed test, and heap and goroutine profiles with the idle connections open, into `directory`; profiling costs the proxy some CPU")
 	fs.Float64Var(&opt.maxOther, "max-other", 0.10, "run a timed test again when other processes used more than this `fraction` of either pinned CPU during it (the machine may be shared)")
 	fs.IntVar(&opt.retries, "retries", 2, "times a test may run again because of other load; the last run counts either way")
+	fs.DurationVar(&opt.quietWait, "quiet-wait", 30*time.Second, "before each timed test, wait at most this `long` until other processes use no more than -max-other of either pinned CPU (0: do not wait)")
 	fs.BoolVar(&opt.checkGoals, "check-goals", false, "exit with status 3 when a measured goal is not met")
 	fs.Usage = func() {
 		fmt.Fprintf(fs.Output(), "usage: go run ./bench [flags]\n\n")
@@ -103,6 +105,9 @@ func parseFlags(args []string) (options, error) {
 		}
 		if !set["retries"] {
 			opt.retries = 0
+		}
+		if !set["quiet-wait"] {
+			opt.quietWait = 0
 		}
 	}
 	var err error
@@ -230,6 +235,7 @@ type method struct {
 	IdleConns int     `json:"idle_conns"`
 	Pinning   string  `json:"pinning"`
 	MaxOther  float64 `json:"max_other"`
+	QuietWait string  `json:"quiet_wait"`
 	Retries   int     `json:"retries"`
 	Quick     bool    `json:"quick,omitempty"`
 }
@@ -277,7 +283,7 @@ func bench(ctx context.Context, opt options) (*report, error) {
 	logf("%s", pin.note)
 	rep.Method = method{
 		Duration: opt.duration.String(), Warmup: opt.warmup.String(), Repeats: opt.repeats,
-		IdleConns: opt.idleConns, Pinning: pin.note, MaxOther: opt.maxOther, Retries: opt.retries, Quick: opt.quick,
+		IdleConns: opt.idleConns, Pinning: pin.note, MaxOther: opt.maxOther, QuietWait: opt.quietWait.String(), Retries: opt.retries, Quick: opt.quick,
 	}
 
 	bs, err := startBackends()
@@ -305,7 +311,7 @@ func bench(ctx context.Context, opt options) (*report, error) {
 		logf("started %s, pid %d, on CPUs %s", srv.name, srv.pid(), allowedCPUs(srv.pid()))
 	}
 
-	r := &runner{opt: opt, pin: pin, bs: bs}
+	r := &runner{opt: opt, pin: pin, bs: bs, ksoftirqd: findKsoftirqd()}
 	record := func(i, repeat int, test string, s sample, err error) {
 		s.Test, s.Repeat = test, repeat+1
 		if err != nil {
@@ -364,6 +370,11 @@ func bench(ctx context.Context, opt options) (*report, error) {
 						continue
 					}
 				}
+				if opt.quietWait > 0 {
+					if other := r.waitQuiet(ctx, p, opt.quietWait); other > opt.maxOther {
+						logf("  other processes still use %.0f%% of a pinned CPU after %s: going on", 100*other, opt.quietWait)
+					}
+				}
 				s, err := r.runTimed(ctx, p, test, profile(p, repeat, test+".cpu.pprof"))
 				for retry := 1; err == nil && retry <= opt.retries && ctx.Err() == nil; retry++ {
 					name, other := busiestOther(s)
@@ -372,7 +383,11 @@ func bench(ctx context.Context, opt options) (*report, error) {
 					}
 					logf("  %-24s %-8s other processes used %.0f%% of the %s CPU: again (%d/%d)",
 						p.Label, test, 100*other, name, retry, opt.retries)
-					_ = sleep(ctx, 2*time.Second)
+					if opt.quietWait > 0 {
+						r.waitQuiet(ctx, p, opt.quietWait)
+					} else {
+						_ = sleep(ctx, 2*time.Second)
+					}
 					s, err = r.runTimed(ctx, p, test, "")
 					s.Retries = retry
 				}

@@ -295,3 +295,30 @@ func raiseFileLimit() (uint64, error) {
 	}
 	return lim.Cur, nil
 }
+
+// findKsoftirqd returns the pid of each CPU's ksoftirqd/N kernel thread,
+// which runs softirq work (network receive, among others) deferred from
+// the processes on CPU N.
+func findKsoftirqd() map[int]int {
+	out := map[int]int{}
+	entries, err := os.ReadDir("/proc")
+	if err != nil {
+		return out
+	}
+	for _, e := range entries {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "comm"))
+		if err != nil {
+			continue
+		}
+		if n, ok := strings.CutPrefix(strings.TrimSpace(string(b)), "ksoftirqd/"); ok {
+			if cpu, err := strconv.Atoi(n); err == nil {
+				out[cpu] = pid
+			}
+		}
+	}
+	return out
+}

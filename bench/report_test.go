@@ -127,7 +127,7 @@ func TestParseFlags(t *testing.T) {
 			}
 		}},
 		{name: "quick", args: []string{"-quick"}, check: func(t *testing.T, o options) {
-			if o.duration != time.Second || o.repeats != 1 || o.idleConns != 500 || o.name != "quick" || o.retries != 0 {
+			if o.duration != time.Second || o.repeats != 1 || o.idleConns != 500 || o.name != "quick" || o.retries != 0 || o.quietWait != 0 {
 				t.Fatalf("quick = %+v", o)
 			}
 		}},
