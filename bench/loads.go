@@ -53,6 +53,7 @@ type sample struct {
 	CPUBusy    map[string]float64 `json:"cpu_busy,omitempty"`    // fraction of each pinned CPU busy, everything counted
 	Other      map[string]float64 `json:"other,omitempty"`       // fraction of each pinned CPU that other processes used
 	Retries    int                `json:"retries,omitempty"`     // times the test was run again because of other load
+	Spoiled    bool               `json:"spoiled,omitempty"`     // other load took over half a pinned CPU even so
 	P50us      float64            `json:"p50_us,omitempty"`
 	P99us      float64            `json:"p99_us,omitempty"`
 	IdleConns  int                `json:"idle_conns,omitempty"`
@@ -483,6 +484,15 @@ func (r *runner) idle(ctx context.Context, p *peer, n int, heapProfile string) (
 	if s.RSSBase, s.FDsBase, err = treeMemory(pid); err != nil {
 		return s, err
 	}
+	// With -pprof, Go's memory statistics before and with the connections
+	// open tell stacks from heap.
+	profiling := heapProfile != "" && p.srv.admin != ""
+	base := strings.TrimSuffix(heapProfile, "heap.pprof")
+	if profiling {
+		if err := fetchDebug(ctx, p.srv.admin, "vars", base+"vars-before.json"); err != nil {
+			logf("  /debug/vars: %v", err)
+		}
+	}
 	t0 := time.Now()
 	conns := make([]net.Conn, n)
 	var next atomic.Int64
@@ -540,23 +550,25 @@ func (r *runner) idle(ctx context.Context, p *peer, n int, heapProfile string) (
 	if s.RSS, s.FDs, err = treeMemory(pid); err != nil {
 		return s, err
 	}
-	if heapProfile != "" && p.srv.admin != "" {
-		if err := fetchProfile(ctx, p.srv.admin, "heap", heapProfile); err != nil {
-			fmt.Fprintf(os.Stderr, "  heap profile: %v\n", err)
-		}
-		goroutines := heapProfile[:len(heapProfile)-len("heap.pprof")] + "goroutine.txt"
-		if err := fetchProfile(ctx, p.srv.admin, "goroutine?debug=1", goroutines); err != nil {
-			fmt.Fprintf(os.Stderr, "  goroutine profile: %v\n", err)
+	if profiling {
+		for what, path := range map[string]string{
+			"pprof/heap":              heapProfile,
+			"pprof/goroutine?debug=1": base + "goroutine.txt",
+			"vars":                    base + "vars-open.json",
+		} {
+			if err := fetchDebug(ctx, p.srv.admin, what, path); err != nil {
+				logf("  /debug/%s: %v", what, err)
+			}
 		}
 	}
 	return s, nil
 }
 
-// fetchProfile saves one of Caddy's admin /debug/pprof/ endpoints to path.
-func fetchProfile(ctx context.Context, admin, what, path string) error {
+// fetchDebug saves one of Caddy's admin /debug/ endpoints to path.
+func fetchDebug(ctx context.Context, admin, what, path string) error {
 	ctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
 	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+admin+"/debug/pprof/"+what, nil)
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+admin+"/debug/"+what, nil)
 	if err != nil {
 		return err
 	}
@@ -592,7 +604,7 @@ func (r *runner) runTimed(ctx context.Context, p *peer, test, cpuProfile string)
 		go func() {
 			// starts with the warm-up and lasts as long as the window
 			secs := max(1, int(r.opt.duration.Seconds()))
-			profErr <- fetchProfile(ctx, p.srv.admin, fmt.Sprintf("profile?seconds=%d", secs), cpuProfile)
+			profErr <- fetchDebug(ctx, p.srv.admin, fmt.Sprintf("pprof/profile?seconds=%d", secs), cpuProfile)
 		}()
 	}
 	var s sample
@@ -615,7 +627,7 @@ func (r *runner) runTimed(ctx context.Context, p *peer, test, cpuProfile string)
 	}
 	if profErr != nil {
 		if perr := <-profErr; perr != nil {
-			fmt.Fprintf(os.Stderr, "  cpu profile: %v\n", perr)
+			logf("  cpu profile: %v", perr)
 		}
 	}
 	s.Test = test

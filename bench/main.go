@@ -391,6 +391,9 @@ func bench(ctx context.Context, opt options) (*report, error) {
 					s, err = r.runTimed(ctx, p, test, "")
 					s.Retries = retry
 				}
+				if _, other := busiestOther(s); other > spoiledOther {
+					s.Spoiled = true
+				}
 				record(i, repeat, test, s, err)
 			}
 		}
@@ -412,6 +415,11 @@ func bench(ctx context.Context, opt options) (*report, error) {
 	}
 	return rep, nil
 }
+
+// spoiledOther is the share of a pinned CPU that other processes may take
+// during a test before its figures are left out of the medians (as long as
+// another repeat of the test is not spoiled).
+const spoiledOther = 0.5
 
 // busiestOther returns the pinned CPU on which other processes used the
 // most during the sample, and how much.

@@ -79,11 +79,13 @@ func loadAvg() string {
 	return strings.Join(f[:3], " ")
 }
 
-// coreColumns show how busy the two cores were in the tests that load them
-// most: a core near 1.00 is what limited the test.
-var coreColumns = []column{
-	{"proxy cores (up8 / down8 / conns)", []string{"proxy_core_up8", "proxy_core_down8", "proxy_core_conns"}, fmt2},
-	{"load-tool cores (up8 / down8 / conns)", []string{"load_core_up8", "load_core_down8", "load_core_conns"}, fmt2},
+// detailColumns show how busy the two cores were (a core near 1.00 is what
+// limited the test) and what a ping-pong message cost the proxy.
+var detailColumns = []column{
+	{"proxy cores (up8 / down8 / conns / ping-pong)", []string{"proxy_core_up8", "proxy_core_down8", "proxy_core_conns", "proxy_core_rt"}, fmt2},
+	{"load-tool cores (up8 / down8 / conns / ping-pong)", []string{"load_core_up8", "load_core_down8", "load_core_conns", "load_core_rt"}, fmt2},
+	{"ping-pong round trips/s", []string{"rt"}, fmtInt},
+	{"proxy CPU µs per round trip", []string{"cpu_rt"}, fmt2},
 }
 
 func renderMarkdown(rep *report) string {
@@ -138,16 +140,23 @@ func renderMarkdown(rep *report) string {
 	b.WriteString("\n## Goals (issue 4)\n\nGodist's medians against the other peers' in this run; differences under 15% are noise (PEERS.md).\n\n")
 	b.WriteString(goalsSection(rep.Goals))
 
-	b.WriteString("\n## Cores used\n\nCPU time over the window divided by its length: a core near 1.00 limited the test.\n\n")
-	titles := []string{coreColumns[0].title, coreColumns[1].title}
+	b.WriteString("\n## Cores used, and what a small message costs\n\n" +
+		"CPU time over the window divided by its length: a core near 1.00 limited the test. " +
+		"Ping-pong round trips are 64 B each way; the proxy's CPU per round trip is its cost per small message pair.\n\n")
+	titles := make([]string, len(detailColumns))
+	for i, c := range detailColumns {
+		titles[i] = c.title
+	}
 	tableHeader(&b, titles)
 	for _, pr := range rep.Peers {
 		if pr.Skipped != "" {
 			continue
 		}
-		fmt.Fprintf(&b, "| %s | %s | %s |\n", pr.Label,
-			cell(pr, coreColumns[0], func(st stat) string { return fmt2(st.Median) }),
-			cell(pr, coreColumns[1], func(st stat) string { return fmt2(st.Median) }))
+		cells := make([]string, len(detailColumns))
+		for i, c := range detailColumns {
+			cells[i] = cell(pr, c, func(st stat) string { return c.fmt(st.Median) })
+		}
+		fmt.Fprintf(&b, "| %s | %s |\n", pr.Label, strings.Join(cells, " | "))
 	}
 
 	notes := runNotes(rep)
@@ -172,6 +181,10 @@ func runNotes(rep *report) []string {
 			}
 			if s.Retries > 0 {
 				retried++
+			}
+			if s.Spoiled {
+				notes = append(notes, fmt.Sprintf("%s: other processes took over %.0f%% of a pinned CPU even after %d re-runs; "+
+					"left out of the medians unless every repeat was", where, 100*spoiledOther, s.Retries))
 			}
 			if name, other := busiestOther(s); other > worstOther {
 				worstOther, worstWhere = other, fmt.Sprintf("the %s CPU, %s", name, where)

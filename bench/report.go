@@ -47,6 +47,12 @@ var metrics = []metric{
 	}, true},
 	{"p50", "pingpong", func(s sample) (float64, bool) { return s.P50us, s.RoundTrips > 0 }, false},
 	{"p99", "pingpong", func(s sample) (float64, bool) { return s.P99us, s.RoundTrips > 0 }, false},
+	{"rt", "pingpong", func(s sample) (float64, bool) {
+		return float64(s.RoundTrips) / s.Seconds, s.Seconds > 0 && s.RoundTrips > 0
+	}, false},
+	{"cpu_rt", "pingpong", func(s sample) (float64, bool) {
+		return s.ProxyCPU / float64(s.RoundTrips) * 1e6, s.RoundTrips > 0
+	}, true},
 	{"rss_idle", idleTest, func(s sample) (float64, bool) {
 		return float64(s.RSS-s.RSSBase) / float64(s.IdleConns), s.IdleConns > 0 && s.RSS > 0
 	}, true},
@@ -58,9 +64,11 @@ var metrics = []metric{
 	{"proxy_core_up8", "up8", proxyCores, true},
 	{"proxy_core_down8", "down8", proxyCores, true},
 	{"proxy_core_conns", "connrate", proxyCores, true},
+	{"proxy_core_rt", "pingpong", proxyCores, true},
 	{"load_core_up8", "up8", loadCores, false},
 	{"load_core_down8", "down8", loadCores, false},
 	{"load_core_conns", "connrate", loadCores, false},
+	{"load_core_rt", "pingpong", loadCores, false},
 }
 
 func proxyCores(s sample) (float64, bool) {
@@ -108,14 +116,22 @@ func (pr *peerResult) computeFigures() {
 		if m.proxy && pr.ID == "direct" {
 			continue
 		}
-		var vals []float64
+		// Samples spoiled by other load count only if all of them are.
+		var vals, spoiled []float64
 		for _, s := range pr.Samples {
 			if s.Test != m.test || s.Failed != "" {
 				continue
 			}
 			if v, ok := m.of(s); ok && !math.IsInf(v, 0) && !math.IsNaN(v) {
-				vals = append(vals, v)
+				if s.Spoiled {
+					spoiled = append(spoiled, v)
+				} else {
+					vals = append(vals, v)
+				}
 			}
+		}
+		if len(vals) == 0 {
+			vals = spoiled
 		}
 		if st := summarize(vals); st.ok() {
 			pr.Figures[m.key] = st

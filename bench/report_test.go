@@ -203,6 +203,17 @@ func TestComputeFigures(t *testing.T) {
 			t.Errorf("direct has a %s figure", k)
 		}
 	}
+	// a sample spoiled by other load counts only when every one is
+	mixed := result("x",
+		sample{Test: "up1", Seconds: 1, Bytes: 1e9},
+		sample{Test: "up1", Seconds: 1, Bytes: 1e8, Spoiled: true},
+		sample{Test: "down1", Seconds: 1, Bytes: 1e8, Spoiled: true})
+	if st := mixed.Figures["up1"]; st.N != 1 || st.Median != 1000 {
+		t.Errorf("up1 with one spoiled sample = %+v, want the clean one alone", st)
+	}
+	if st := mixed.Figures["down1"]; st.N != 1 || st.Median != 100 {
+		t.Errorf("down1, all spoiled = %+v, want the spoiled one", st)
+	}
 	// a failed sample gives no figure
 	failed := result("x", sample{Test: "up1", Seconds: 1, Bytes: 1e9, Failed: "proxy exited"})
 	if _, ok := failed.fig("up1"); ok {
