@@ -9,7 +9,7 @@
 //
 // Run it from the repository's root:
 //
-//	go run ./bench            # the full run, about 15 minutes
+//	go run ./bench            # the full run, 20 to 30 minutes
 //	go run ./bench -quick     # a smoke test, about a minute
 //
 // See bench/README.md for what each test does and how to read the table.
