@@ -1,0 +1,289 @@
+// Copyright 2026 The caddy-godist Authors
+// SPDX-License-Identifier: Apache-2.0
+
+package godist
+
+import (
+	"encoding/binary"
+	"encoding/json"
+	"io"
+	"net"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+)
+
+// Benchmarks of the copy loop and of the whole path through Caddy. They
+// measure; they assert nothing about time. The load benchmark in bench/
+// compares godist with other proxies in processes of their own; these are
+// for profiling and for comparing two versions of this package:
+//
+//	go test -run XXX -bench . -benchmem
+//	go test -run XXX -bench CopyStream -cpuprofile cpu.out
+
+// benchChunk is what one benchmark iteration moves: 1 MiB, written 256 KiB
+// at a time as the load benchmark does.
+const (
+	benchChunk = 1 << 20
+	benchWrite = 256 << 10
+)
+
+// tcpPair returns the two ends of a loopback TCP connection.
+func tcpPair(b *testing.B) (client, server *net.TCPConn) {
+	b.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer ln.Close()
+	accepted := make(chan net.Conn, 1)
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			close(accepted)
+			return
+		}
+		accepted <- c
+	}()
+	c, err := net.DialTimeout("tcp", ln.Addr().String(), testTimeout)
+	if err != nil {
+		b.Fatal(err)
+	}
+	var s net.Conn
+	select {
+	case s = <-accepted:
+	case <-time.After(testTimeout):
+	}
+	if s == nil {
+		b.Fatal("accepting a loopback connection failed")
+	}
+	b.Cleanup(func() {
+		c.Close()
+		s.Close()
+	})
+	return c.(*net.TCPConn), s.(*net.TCPConn)
+}
+
+// wrappedConn hides the socket under it, as an unknown wrapper (a TLS or
+// metrics wrapper, say) does: copyStream must go through conn.Read or
+// conn.Write.
+type wrappedConn struct{ net.Conn }
+
+// writeChunks writes n chunks of benchChunk bytes to c, then half-closes.
+func writeChunks(c *net.TCPConn, n int, errc chan<- error) {
+	buf := make([]byte, benchWrite)
+	var err error
+	for i := 0; i < n*(benchChunk/benchWrite) && err == nil; i++ {
+		_, err = c.Write(buf)
+	}
+	if err == nil {
+		err = c.CloseWrite()
+	}
+	errc <- err
+}
+
+// discardAll reads c until EOF and reports how many bytes came.
+func discardAll(c net.Conn, counts chan<- int64) {
+	buf := make([]byte, benchWrite)
+	var total int64
+	for {
+		n, err := c.Read(buf)
+		total += int64(n)
+		if err != nil {
+			counts <- total
+			return
+		}
+	}
+}
+
+// BenchmarkCopyStream moves bytes from one loopback connection to another
+// through copyStream, in each of its three ways: splice between two
+// sockets, a buffer taken once the socket is readable when only the
+// destination is wrapped, and a held buffer when the source is wrapped.
+func BenchmarkCopyStream(b *testing.B) {
+	for _, bc := range []struct {
+		name             string
+		wrapSrc, wrapDst bool
+	}{
+		{name: "splice"},
+		{name: "readable", wrapDst: true},
+		{name: "buffered", wrapSrc: true},
+	} {
+		b.Run(bc.name, func(b *testing.B) {
+			writer, srcConn := tcpPair(b)
+			dstConn, reader := tcpPair(b)
+			var src, dst net.Conn = srcConn, dstConn
+			if bc.wrapSrc {
+				src = wrappedConn{srcConn}
+			}
+			if bc.wrapDst {
+				dst = wrappedConn{dstConn}
+			}
+			for _, c := range []*net.TCPConn{writer, srcConn, dstConn, reader} {
+				_ = c.SetDeadline(time.Now().Add(testTimeout))
+			}
+			errc := make(chan error, 1)
+			counts := make(chan int64, 1)
+			b.SetBytes(benchChunk)
+			b.ReportAllocs()
+			b.ResetTimer()
+
+			go writeChunks(writer, b.N, errc)
+			go discardAll(reader, counts)
+			n, err := copyStream(writeEndpoint(dst), readEndpoint(src), &session{})
+			if err != nil {
+				b.Fatalf("copyStream: %v", err)
+			}
+			_ = dstConn.CloseWrite()
+			got := <-counts
+			b.StopTimer()
+			if werr := <-errc; werr != nil {
+				b.Fatalf("writer: %v", werr)
+			}
+			if want := int64(b.N) * benchChunk; n != want || got != want {
+				b.Fatalf("copied %d bytes, reader got %d, want %d", n, got, want)
+			}
+		})
+	}
+}
+
+// startBenchCaddy runs Caddy in this process with one godist route and
+// logs at WARN: the tests' configs log at DEBUG, and godist's per-connection
+// debug line would be part of what is measured.
+func startBenchCaddy(b *testing.B, upstream string) string {
+	b.Helper()
+	listen := freeAddr(b)
+	cfg := map[string]any{
+		"admin": map[string]any{"listen": freeAddr(b), "config": map[string]any{"persist": false}},
+		"logging": map[string]any{"logs": map[string]any{"default": map[string]any{
+			"writer": testLogWriter(), "level": "WARN",
+		}}},
+		"apps": map[string]any{"layer4": map[string]any{"servers": map[string]any{
+			"bench": map[string]any{"listen": []string{listen}, "routes": []map[string]any{
+				godistRoute(map[string]any{"upstreams": upstreamsJSON(upstream)}),
+			}},
+		}}},
+	}
+	js, err := json.Marshal(cfg)
+	if err != nil {
+		b.Fatal(err)
+	}
+	if err := caddy.Load(js, true); err != nil {
+		b.Fatalf("loading config into Caddy: %v", err)
+	}
+	b.Cleanup(func() {
+		if err := caddy.Stop(); err != nil {
+			b.Errorf("stopping Caddy: %v", err)
+		}
+	})
+	return listen
+}
+
+// BenchmarkCaddyConnect measures one whole connection through Caddy and
+// godist: connect, 64 bytes to an echo backend and back, close. Allocations
+// are the whole process's: client, Caddy and backend.
+func BenchmarkCaddyConnect(b *testing.B) {
+	be := startBackend(b, "echo", "", echo)
+	listen := startBenchCaddy(b, be.addr)
+	msg := make([]byte, 64)
+	reply := make([]byte, 64)
+	b.ReportAllocs()
+	for b.Loop() {
+		c, err := net.DialTimeout("tcp", listen, testTimeout)
+		if err != nil {
+			b.Fatal(err)
+		}
+		_ = c.SetDeadline(time.Now().Add(testTimeout))
+		if _, err := c.Write(msg); err != nil {
+			b.Fatal(err)
+		}
+		if _, err := io.ReadFull(c, reply); err != nil {
+			b.Fatal(err)
+		}
+		c.Close()
+	}
+}
+
+// sinkCount reads until EOF and sends the byte count on the channel the
+// benchmark gave it.
+func sinkCount(counts chan<- int64) func(*backend, net.Conn) {
+	return func(_ *backend, c net.Conn) {
+		discardAll(c, counts)
+	}
+}
+
+// sourceN reads an 8-byte count and sends that many bytes, then closes.
+func sourceN(_ *backend, c net.Conn) {
+	var req [8]byte
+	if _, err := io.ReadFull(c, req[:]); err != nil {
+		return
+	}
+	buf := make([]byte, benchWrite)
+	for left := int64(binary.BigEndian.Uint64(req[:])); left > 0; {
+		n, err := c.Write(buf[:min(left, int64(len(buf)))])
+		if err != nil {
+			return
+		}
+		left -= int64(n)
+	}
+}
+
+// BenchmarkCaddyBulk moves bytes over one connection through Caddy and
+// godist, client to backend (up) and backend to client (down).
+func BenchmarkCaddyBulk(b *testing.B) {
+	b.Run("up", func(b *testing.B) {
+		counts := make(chan int64, 1)
+		be := startBackend(b, "sink", "", sinkCount(counts))
+		listen := startBenchCaddy(b, be.addr)
+		b.SetBytes(benchChunk)
+		b.ReportAllocs()
+		b.ResetTimer()
+		c, err := net.DialTimeout("tcp", listen, testTimeout)
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer c.Close()
+		_ = c.SetDeadline(time.Now().Add(testTimeout))
+		errc := make(chan error, 1)
+		go writeChunks(c.(*net.TCPConn), b.N, errc)
+		var got int64
+		select {
+		case got = <-counts:
+		case <-time.After(testTimeout):
+			b.Fatal("the sink never saw EOF")
+		}
+		b.StopTimer()
+		if err := <-errc; err != nil {
+			b.Fatalf("writer: %v", err)
+		}
+		if want := int64(b.N) * benchChunk; got != want {
+			b.Fatalf("sink got %d bytes, want %d", got, want)
+		}
+	})
+	b.Run("down", func(b *testing.B) {
+		be := startBackend(b, "source", "", sourceN)
+		listen := startBenchCaddy(b, be.addr)
+		b.SetBytes(benchChunk)
+		b.ReportAllocs()
+		b.ResetTimer()
+		c, err := net.DialTimeout("tcp", listen, testTimeout)
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer c.Close()
+		_ = c.SetDeadline(time.Now().Add(testTimeout))
+		var req [8]byte
+		want := int64(b.N) * benchChunk
+		binary.BigEndian.PutUint64(req[:], uint64(want))
+		if _, err := c.Write(req[:]); err != nil {
+			b.Fatal(err)
+		}
+		counts := make(chan int64, 1)
+		discardAll(c, counts)
+		b.StopTimer()
+		if got := <-counts; got != want {
+			b.Fatalf("client got %d bytes, want %d", got, want)
+		}
+	})
+}
