@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -20,7 +21,38 @@ import (
 // failing over along the key's order of preference, and pipes bytes both
 // ways until both sides are done. It never returns an error for caddy-l4
 // to log: it logs what went wrong itself, rate-limited.
+//
+// This goroutine lives as long as the connection and mostly waits, so what
+// it does itself is kept shallow: its stack is what an idle connection
+// costs. The deep work (dialling, logging) happens in calls that return
+// before the waiting starts, or on a goroutine of its own.
 func (h *Handler) Handle(down *layer4.Connection, _ layer4.Handler) error {
+	if !h.admit(down) {
+		return nil
+	}
+	defer h.leave()
+
+	start := time.Now()
+	key := h.connKey(down)
+	d := h.connect(down, key)
+	if d.conn == nil {
+		return nil
+	}
+	u := d.upstream
+	defer u.release()
+	defer func() { _ = d.conn.Close() }()
+
+	s := &session{down: down, up: d.conn, key: key, upstream: u, idleTimeout: time.Duration(h.IdleTimeout)}
+	h.sessions.add(s)
+	s.run()
+	h.sessions.remove(s)
+	h.connectionEnded(s, d, start)
+	return nil
+}
+
+// admit checks the limits a new connection must be within, and counts it
+// in. It logs (rate-limited) and counts a connection it turns away.
+func (h *Handler) admit(down *layer4.Connection) bool {
 	if h.MaxConnections > 0 {
 		if n := h.active.Add(1); n > int64(h.MaxConnections) {
 			h.active.Add(-1)
@@ -29,27 +61,54 @@ func (h *Handler) Handle(down *layer4.Connection, _ layer4.Handler) error {
 			h.failLog.log(h.logger, "connection over max_connections closed",
 				zap.String("client", down.RemoteAddr().String()),
 				zap.Int("max_connections", h.MaxConnections))
-			return nil
+			return false
 		}
-		defer h.active.Add(-1)
 	}
 	if !fdBudget.acquire() {
+		if h.MaxConnections > 0 {
+			h.active.Add(-1)
+		}
 		h.rejectedFD.Add(1)
 		rejectedOverDescriptors.Add(1)
 		h.failLog.log(h.logger, "connection closed: godist's connections hold all the file descriptors the process can spare",
 			zap.String("client", down.RemoteAddr().String()),
 			zap.Int64("descriptor_budget", fdBudget.currentLimit()))
-		return nil
+		return false
 	}
-	defer fdBudget.release()
+	return true
+}
 
-	start := time.Now()
-	key := h.connKey(down)
+// leave counts a connection that admit let in out again.
+func (h *Handler) leave() {
+	fdBudget.release()
+	if h.MaxConnections > 0 {
+		h.active.Add(-1)
+	}
+}
 
-	var d dialOutcome
-	h.dialUpstream(down, key, &d)
+// connect dials the connection's upstream, failing over as needed, and
+// starts the upstream connection with the PROXY protocol header if one is
+// configured. It returns the outcome with conn nil if no upstream could be
+// had, which it has logged.
+//
+// The dialling runs on a goroutine of its own, which ends with it: Go's
+// dial path is deep, and run on the connection's own goroutine it would
+// leave that goroutine, which then waits for the connection's lifetime,
+// with a stack twice the size.
+func (h *Handler) connect(down *layer4.Connection, key string) *dialOutcome {
+	d := new(dialOutcome)
+	d.done.Add(1)
+	go h.dialFor(down, key, d)
+	d.done.Wait()
+	return d
+}
+
+// dialFor fills d for connect, on its own goroutine.
+func (h *Handler) dialFor(down *layer4.Connection, key string, d *dialOutcome) {
+	defer d.done.Done()
+	h.dialUpstream(down, key, d)
 	if d.passedOver {
-		h.countFailovers(key, &d)
+		h.countFailovers(key, d)
 	}
 	if d.conn == nil {
 		noUpstream.Add(1)
@@ -58,29 +117,28 @@ func (h *Handler) Handle(down *layer4.Connection, _ layer4.Handler) error {
 			zap.String("key", key),
 			zap.Int("attempts", d.attempts),
 			zap.Error(d.err))
-		return nil
+		return
 	}
-	u := d.upstream
-	defer u.release()
-	defer func() { _ = d.conn.Close() }()
-	up := d.conn
 	if h.ppVersion > 0 {
 		header, err := proxyHeader(h.ppVersion, down)
 		if err == nil {
-			up, err = sendProxyHeader(up, header)
+			d.conn, err = sendProxyHeader(d.conn, header)
 		}
 		if err != nil {
-			h.failLog.log(h.logger, "connection closed", zap.String("upstream", u.dial), zap.Error(err))
-			return nil
+			h.failLog.log(h.logger, "connection closed", zap.String("upstream", d.upstream.dial), zap.Error(err))
+			_ = d.conn.Close()
+			d.upstream.release()
+			d.conn = nil
+			return
 		}
 	}
-	u.state.total.Add(1)
+	d.upstream.state.total.Add(1)
+}
 
-	s := &session{down: down, up: up, key: key, upstream: u, idleTimeout: time.Duration(h.IdleTimeout)}
-	h.sessions.add(s)
-	s.run()
-	h.sessions.remove(s)
-	// counted once per connection, not per read
+// connectionEnded counts what the connection moved, once, as it ends, and
+// writes its debug line with the decision behind it.
+func (h *Handler) connectionEnded(s *session, d *dialOutcome, start time.Time) {
+	u := d.upstream
 	u.state.bytesTo.Add(uint64(s.toUpstream))
 	u.state.bytesFrom.Add(uint64(s.toClient))
 	if s.toClient == 0 && errors.Is(s.downErr, syscall.ECONNREFUSED) {
@@ -89,14 +147,13 @@ func (h *Handler) Handle(down *layer4.Connection, _ layer4.Handler) error {
 		// the client's retry goes to the key's next choice.
 		h.countDialFailure(u)
 	}
-
 	if ce := h.logger.Check(zap.DebugLevel, "connection closed"); ce != nil {
 		ce.Write(
-			zap.String("client", down.RemoteAddr().String()),
-			zap.String("key", key),
+			zap.String("client", s.down.RemoteAddr().String()),
+			zap.String("key", s.key),
 			zap.String("upstream", u.dial),
-			zap.Int("rank", h.rank(key, d.index)),
-			zap.Strings("skipped", h.describeSkipped(&d)),
+			zap.Int("rank", h.rank(s.key, d.index)),
+			zap.Strings("skipped", h.describeSkipped(d)),
 			zap.Int("attempts", d.attempts),
 			zap.Int64("bytes_to_upstream", s.toUpstream),
 			zap.Int64("bytes_to_client", s.toClient),
@@ -105,7 +162,6 @@ func (h *Handler) Handle(down *layer4.Connection, _ layer4.Handler) error {
 			zap.NamedError("abort", s.cause),
 		)
 	}
-	return nil
 }
 
 // Process-wide counts of connections that godist closed unpiped, for the
@@ -134,6 +190,8 @@ type dialOutcome struct {
 	unhealthy, full, failed bitset
 	small                   [3][2]uint64
 	passedOver              bool // any upstream was skipped or failed
+
+	done sync.WaitGroup // the dialling goroutine is through
 }
 
 // dialUpstream dials the upstream that key prefers among the healthy ones

@@ -71,10 +71,15 @@ type session struct {
 
 	upward sync.WaitGroup // the client-to-upstream goroutine
 
+	// The sockets under the connections, taken once per session (each
+	// SyscallConn allocates): nil for what is not a plain stream socket.
+	downSocket, upSocket syscall.RawConn
+
 	// Written by their own direction, read after both have ended.
 	toUpstream, toClient int64
 	upErr, downErr       error
 	firstEOF             atomic.Uint32 // the side whose EOF came first
+	finished             atomic.Int32  // directions that have ended
 }
 
 // errIdle is why a session ends when no byte moved for the idle timeout.
@@ -87,6 +92,9 @@ func (s *session) run() {
 		s.touch()
 		s.idleTimer = time.AfterFunc(s.idleTimeout, s.checkIdle)
 	}
+
+	s.downSocket = rawConn(innermost(s.down))
+	s.upSocket = rawConn(innermost(s.up))
 
 	s.upward.Add(1)
 	go s.copyUpward()
@@ -104,7 +112,7 @@ func (s *session) copyUpward() {
 	n, err := s.forwardPrefetched()
 	if err == nil {
 		var m int64
-		m, err = copyStream(writeEndpoint(s.up), readEndpoint(s.down), s)
+		m, err = copyStream(s.writeEndpoint(s.up, s.upSocket), s.readEndpoint(s.down, s.downSocket), s)
 		n += m
 	}
 	s.toUpstream, s.upErr = n, err
@@ -113,7 +121,7 @@ func (s *session) copyUpward() {
 
 // copyDownward copies what the upstream sends to the client.
 func (s *session) copyDownward() {
-	n, err := copyStream(writeEndpoint(s.down), readEndpoint(s.up), s)
+	n, err := copyStream(s.writeEndpoint(s.down, s.downSocket), s.readEndpoint(s.up, s.upSocket), s)
 	s.toClient, s.downErr = n, err
 	s.finish(sideUpstream, s.down, err)
 }
@@ -127,6 +135,11 @@ func (s *session) finish(from side, dst net.Conn, err error) {
 		return
 	}
 	s.firstEOF.CompareAndSwap(uint32(sideNone), uint32(from))
+	if s.finished.Add(1) == 2 {
+		// The other direction is over too: both connections are about to
+		// be closed, which sends this FIN anyway.
+		return
+	}
 	if cw, ok := innermost(dst).(closeWriter); ok && isStream(dst) {
 		if cw.CloseWrite() == nil {
 			return
@@ -211,22 +224,28 @@ type endpoint struct {
 	raw  syscall.RawConn // the socket itself, when bytes may bypass conn
 }
 
-// readEndpoint returns where to read a connection's bytes from. The socket
-// may be read directly only if no wrapper above it holds buffered bytes:
-// a layer4.Connection whose prefetched bytes were forwarded holds none.
-func readEndpoint(c net.Conn) endpoint {
-	inner := c
-	if cx, ok := c.(*layer4.Connection); ok && len(cx.MatchingBytes()) == 0 {
-		inner = cx.Conn
+// readEndpoint returns where to read a connection's bytes from; socket is
+// the raw socket under it. The socket may be read directly only if no
+// wrapper above it holds buffered bytes: a layer4.Connection right on the
+// socket, whose prefetched bytes were forwarded, holds none; a TLS or
+// PROXY-protocol wrapper may.
+func (s *session) readEndpoint(c net.Conn, socket syscall.RawConn) endpoint {
+	switch conn := c.(type) {
+	case *layer4.Connection:
+		if len(conn.MatchingBytes()) == 0 && conn.Conn == innermost(conn) {
+			return endpoint{conn: c, raw: socket}
+		}
+		return endpoint{conn: c}
+	case *net.TCPConn, *net.UnixConn:
+		return endpoint{conn: c, raw: socket}
 	}
-	return endpoint{conn: c, raw: rawConn(inner)}
+	return endpoint{conn: c}
 }
 
 // writeEndpoint returns where to write a connection's bytes to: wrappers
 // that pass writes through unchanged are skipped.
-func writeEndpoint(c net.Conn) endpoint {
-	inner := innermost(c)
-	return endpoint{conn: inner, raw: rawConn(inner)}
+func (s *session) writeEndpoint(c net.Conn, socket syscall.RawConn) endpoint {
+	return endpoint{conn: innermost(c), raw: socket}
 }
 
 // innermost unwraps the connection wrappers that pass writes through
@@ -285,28 +304,19 @@ type closeWriter interface {
 }
 
 // copyStream copies from src to dst until src's EOF (a nil error) or an
-// error. It moves bytes by the kernel's splice where both ends are sockets,
-// and otherwise through a pooled buffer taken only once src is readable.
+// error: from a socket by copySocket, which takes a buffer or a kernel pipe
+// only once the socket is readable; from anything else (TLS, a PROXY
+// protocol wrapper) through a buffer; datagrams one by one.
 func copyStream(dst, src endpoint, s *session) (int64, error) {
 	if !isStream(src.conn) || !isStream(dst.conn) {
 		return copyDatagrams(dst.conn, src.conn, s)
 	}
-	var total int64
-	if src.raw != nil && dst.raw != nil {
-		n, err := spliceStream(dst.raw, src.raw, s)
-		total += n
-		if !errors.Is(err, errSpliceUnavailable) {
-			return total, s.wrapCopyErr(err)
-		}
-		// No pipe could be had (descriptors ran out, say): go on through
-		// a buffer, which needs none.
-	}
 	if src.raw != nil {
-		n, err := copyReadable(dst.conn, src.raw, s)
-		return total + n, s.wrapCopyErr(err)
+		n, err := copySocket(dst, src.raw, s)
+		return n, s.wrapCopyErr(err)
 	}
 	n, err := copyBuffered(dst.conn, src.conn, s)
-	return total + n, s.wrapCopyErr(err)
+	return n, s.wrapCopyErr(err)
 }
 
 // wrapCopyErr turns the errors that mean "the session was aborted" into
@@ -324,43 +334,6 @@ func (s *session) wrapCopyErr(err error) error {
 // errAborted is what a direction returns when it stopped because the
 // session was aborted, not because of its own fault.
 var errAborted = errors.New("session aborted")
-
-// copyReadable copies from a socket, taking a buffer only once the socket
-// is readable, and giving it back before waiting again.
-func copyReadable(dst net.Conn, src syscall.RawConn, s *session) (int64, error) {
-	var total int64
-	for {
-		var buf *[]byte
-		var n int
-		var rerr error
-		err := src.Read(func(fd uintptr) bool {
-			buf = getBuffer()
-			n, rerr = readFD(fd, *buf)
-			if rerr == syscall.EAGAIN {
-				putBuffer(buf)
-				buf = nil
-				return false
-			}
-			return true
-		})
-		if err == nil {
-			err = rerr
-		}
-		if err != nil || n <= 0 {
-			if buf != nil {
-				putBuffer(buf)
-			}
-			return total, err // n == 0 with no error is EOF
-		}
-		_, werr := dst.Write((*buf)[:n])
-		putBuffer(buf)
-		if werr != nil {
-			return total, werr
-		}
-		total += int64(n)
-		s.touch()
-	}
-}
 
 // copyBuffered copies from a connection that is not a plain socket (a TLS
 // or PROXY-protocol wrapper); it holds its buffer while it waits.

@@ -6,7 +6,6 @@
 package godist
 
 import (
-	"errors"
 	"sync"
 	"syscall"
 )
@@ -35,10 +34,6 @@ const (
 	// many connections; more would hold descriptors for nothing.
 	maxIdlePipes = 32
 )
-
-// errSpliceUnavailable means no pipe could be made, or the sockets do not
-// support splice; nothing was lost, and copying can go on through a buffer.
-var errSpliceUnavailable = errors.New("splice unavailable")
 
 type kernelPipe struct {
 	r, w int // read and write ends
@@ -102,75 +97,76 @@ func spliceNonblock(in, out, n int) (int, error) {
 
 const spliceFlags = 0x1 | 0x2 // SPLICE_F_MOVE | SPLICE_F_NONBLOCK
 
-// spliceStream copies from src to dst through a kernel pipe until src's
-// EOF (a nil error) or an error. It returns errSpliceUnavailable, having
-// moved nothing since the last successful write, if no pipe can be had or
-// the sockets refuse splice: the caller goes on another way.
-func spliceStream(dst, src syscall.RawConn, s *session) (total int64, err error) {
-	var p *kernelPipe
-	inPipe := 0 // bytes read into p and not yet written out
-	defer func() {
-		if p == nil {
-			return
-		}
-		if inPipe > 0 {
-			p.close() // bytes no one will read; never reuse such a pipe
-		} else {
-			pipes.put(p)
-		}
-	}()
+// spliceSupported: splice(2) moves bytes between sockets through a pipe.
+const spliceSupported = true
 
-	for {
-		var n int
-		var serr error
-		err := src.Read(func(fd uintptr) bool {
-			if p == nil {
-				if p, serr = pipes.get(); serr != nil {
-					serr = errSpliceUnavailable
-					return true
-				}
-			}
-			n, serr = spliceNonblock(int(fd), p.w, pipeSize)
-			if serr == syscall.EAGAIN {
-				// The socket is empty: give the pipe back before waiting.
-				pipes.put(p)
-				p = nil
-				return false
-			}
-			return true
-		})
-		if err != nil {
-			return total, err
-		}
-		if serr != nil {
-			if serr == syscall.EINVAL && total == 0 {
-				serr = errSpliceUnavailable
-			}
-			return total, serr
-		}
-		if n == 0 {
-			return total, nil // EOF
-		}
-		inPipe = n
-
-		for inPipe > 0 {
-			var m int
-			var werr error
-			err := dst.Write(func(fd uintptr) bool {
-				m, werr = spliceNonblock(p.r, int(fd), inPipe)
-				return werr != syscall.EAGAIN
-			})
-			if err == nil {
-				err = werr
-			}
-			if err != nil {
-				return total, err
-			}
-			inPipe -= m
-			total += int64(m)
-		}
-		s.touch()
+// spliceChunk waits until the socket is readable, splices what it has into
+// a pipe and from the pipe into the destination. It returns
+// errSpliceUnavailable, having moved nothing, when no pipe can be had or
+// the sockets refuse splice. A chunk smaller than the small-message buffer
+// ends the bulk mode.
+func (c *socketCopy) spliceChunk() (int, error) {
+	c.n, c.err = 0, nil
+	err := c.src.Read(c.readIntoPipe)
+	if err == nil {
+		err = c.err
 	}
+	if err != nil {
+		return 0, err
+	}
+	n := c.n
+	if n == 0 {
+		return 0, nil // EOF
+	}
+	c.inPipe = n
+	for c.inPipe > 0 {
+		c.n, c.err = 0, nil
+		err := c.dst.raw.Write(c.writeFromPipe)
+		if err == nil {
+			err = c.err
+		}
+		if err != nil {
+			return n - c.inPipe, err
+		}
+		c.inPipe -= c.n
+	}
+	if n < smallBufferSize {
+		c.splicing = false
+		pipes.put(c.pipe) // empty; the buffer mode does not need it
+		c.pipe = nil
+	}
+	return n, nil
+}
+
+// pipeRead is the readiness callback of the bulk mode: it takes a pipe if
+// it has none, and splices the socket's bytes into it.
+func (c *socketCopy) pipeRead(fd uintptr) bool {
+	if c.pipe == nil {
+		p, err := pipes.get()
+		if err != nil {
+			c.err = errSpliceUnavailable
+			return true
+		}
+		c.pipe = p
+	}
+	c.n, c.err = spliceNonblock(int(fd), c.pipe.w, pipeSize)
+	switch c.err {
+	case syscall.EAGAIN:
+		// The socket is empty: give the pipe back before waiting.
+		pipes.put(c.pipe)
+		c.pipe = nil
+		return false
+	case syscall.EINVAL:
+		c.err = errSpliceUnavailable // a socket that does not splice
+	}
+	return true
+}
+
+// pipeWrite is the writability callback of the bulk mode: it splices what
+// the pipe holds into the destination socket.
+func (c *socketCopy) pipeWrite(fd uintptr) bool {
+	c.n, c.err = spliceNonblock(c.pipe.r, int(fd), c.inPipe)
+	return c.err != syscall.EAGAIN
 }
 
 // drain closes the pipes kept for reuse, giving their descriptors back.

@@ -5,21 +5,21 @@
 
 package godist
 
-import (
-	"errors"
-	"syscall"
-)
+// Elsewhere than Linux there is no splice(2): bytes always go through the
+// small-message buffer, taken once the socket is readable.
+const spliceSupported = false
 
-// errSpliceUnavailable: splice(2) is Linux's; elsewhere bytes go through a
-// buffer taken once the socket is readable.
-var errSpliceUnavailable = errors.New("splice unavailable")
+type kernelPipe struct{}
 
-func spliceStream(_, _ syscall.RawConn, _ *session) (int64, error) {
-	return 0, errSpliceUnavailable
-}
+func (*kernelPipe) close() {}
 
 type pipePool struct{}
 
 var pipes pipePool
 
-func (pipePool) drain() {}
+func (pipePool) put(*kernelPipe) {}
+func (pipePool) drain()          {}
+
+func (c *socketCopy) spliceChunk() (int, error) { return 0, errSpliceUnavailable }
+func (c *socketCopy) pipeRead(uintptr) bool     { return true }
+func (c *socketCopy) pipeWrite(uintptr) bool    { return true }

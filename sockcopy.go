@@ -1,0 +1,143 @@
+// Copyright 2026 The caddy-godist Authors
+// SPDX-License-Identifier: Apache-2.0
+
+package godist
+
+import (
+	"errors"
+	"sync"
+	"syscall"
+)
+
+// Copying from a socket, the way that suits the traffic, as HAProxy's
+// splice-auto does. Small messages (a request, a ping, a protocol's
+// back-and-forth) go through a 16 KiB buffer: a read and a write are the
+// cheapest way to move a few bytes. Once a read fills the buffer, the
+// traffic is bulk, and bytes move socket to kernel pipe to socket by
+// splice(2), never entering user space, until a splice finds less than a
+// buffer's worth waiting; then it is back to the buffer.
+//
+// Either way nothing is held while the socket is idle: the buffer or the
+// pipe is taken inside the readiness callback, once the socket has bytes,
+// and given back as soon as a read finds it empty. An idle connection
+// holds its two sockets and its goroutines' stacks, nothing more.
+
+// errSpliceUnavailable means no pipe could be made, or the sockets do not
+// support splice; nothing was lost, and copying goes on through a buffer.
+var errSpliceUnavailable = errors.New("splice unavailable")
+
+// smallBufferSize is the buffer of the small-message mode, and the most a
+// splice may move and still count as small.
+const smallBufferSize = 16 << 10
+
+var smallBuffers = sync.Pool{New: func() any {
+	b := make([]byte, smallBufferSize)
+	return &b
+}}
+
+// socketCopy copies one direction from a socket. Its read callbacks are
+// made once per copy, not once per read, so that reading allocates
+// nothing.
+type socketCopy struct {
+	s   *session
+	dst endpoint
+	src syscall.RawConn
+
+	spliceOK bool // the destination is a socket too, and splice works
+	splicing bool // the traffic is bulk now
+
+	// Set by the callbacks.
+	buf    *[]byte
+	pipe   *kernelPipe
+	n      int
+	err    error
+	inPipe int // bytes read into the pipe and not yet written out
+
+	readIntoBuffer, readIntoPipe, writeFromPipe func(fd uintptr) bool
+}
+
+// copySocket copies from the socket src to dst until src's EOF (a nil
+// error) or an error.
+func copySocket(dst endpoint, src syscall.RawConn, s *session) (int64, error) {
+	c := &socketCopy{s: s, dst: dst, src: src, spliceOK: spliceSupported && dst.raw != nil}
+	c.readIntoBuffer = c.bufferRead
+	c.readIntoPipe = c.pipeRead
+	c.writeFromPipe = c.pipeWrite
+	defer c.release()
+
+	var total int64
+	for {
+		var n int
+		var err error
+		if c.splicing {
+			n, err = c.spliceChunk()
+			if errors.Is(err, errSpliceUnavailable) {
+				// No pipe could be had (descriptors ran out, say), or the
+				// sockets refuse splice; nothing was lost: go on through
+				// the buffer, which needs no descriptor.
+				c.splicing, c.spliceOK = false, false
+				continue
+			}
+		} else {
+			n, err = c.bufferChunk()
+		}
+		total += int64(n)
+		if err != nil || n == 0 {
+			return total, err // 0 bytes and no error: EOF
+		}
+		s.touch()
+	}
+}
+
+// bufferChunk waits until the socket is readable, reads once into a
+// buffer and writes that out.
+func (c *socketCopy) bufferChunk() (int, error) {
+	c.n, c.err = 0, nil
+	err := c.src.Read(c.readIntoBuffer)
+	if err == nil {
+		err = c.err
+	}
+	n := c.n
+	if err != nil || n <= 0 {
+		return 0, err
+	}
+	full := n == len(*c.buf)
+	_, err = c.dst.conn.Write((*c.buf)[:n])
+	smallBuffers.Put(c.buf)
+	c.buf = nil
+	if err != nil {
+		return 0, err
+	}
+	if full && c.spliceOK {
+		c.splicing = true
+	}
+	return n, nil
+}
+
+// bufferRead is the readiness callback of the buffer mode.
+func (c *socketCopy) bufferRead(fd uintptr) bool {
+	c.buf = smallBuffers.Get().(*[]byte)
+	c.n, c.err = readFD(fd, *c.buf)
+	if c.err == syscall.EAGAIN {
+		smallBuffers.Put(c.buf) // nothing to read: hold nothing while waiting
+		c.buf = nil
+		return false
+	}
+	return true
+}
+
+// release gives back whatever the copy still holds when it ends.
+func (c *socketCopy) release() {
+	if c.buf != nil {
+		smallBuffers.Put(c.buf)
+		c.buf = nil
+	}
+	if c.pipe != nil {
+		if c.inPipe > 0 {
+			c.pipe.close() // bytes no one will read: never reuse such a pipe
+		} else {
+			pipes.put(c.pipe)
+		}
+		c.pipe = nil
+	}
+}
