@@ -44,18 +44,38 @@ func openFDs(t testing.TB) int {
 func checkNoLeaks(t *testing.T) {
 	t.Helper()
 	pipes.drain()
-	goroutines, fds := runtime.NumGoroutine(), openFDs(t)
+	goroutines, fds := ownGoroutines(), ownFDs(t)
 	t.Cleanup(func() {
 		eventually(t, 10*time.Second, "goroutines and descriptors back to their baseline", func() error {
 			pipes.drain() // pipes kept for reuse are not leaks
-			g, f := runtime.NumGoroutine(), openFDs(t)
+			g, f := ownGoroutines(), ownFDs(t)
 			if g > goroutines || f > fds {
-				return fmt.Errorf("%d goroutines (baseline %d), %d descriptors (baseline %d)\n%s\n%s",
+				return fmt.Errorf("%d goroutines (baseline %d), %d descriptors (baseline %d), leaving out pooled workers and the reactor\n%s\n%s",
 					g, goroutines, f, fds, goroutineDump(), fdDump())
 			}
 			return nil
 		})
 	})
+}
+
+// ownGoroutines counts the goroutines, leaving out what is kept on purpose
+// for the life of the process: idle pooled workers (bounded) and the
+// reactor's loop.
+func ownGoroutines() int {
+	n := runtime.NumGoroutine() - int(flowWorkers.idle.Load()) - int(dialWorkers.idle.Load())
+	if theReactor.running() {
+		n--
+	}
+	return n
+}
+
+// ownFDs counts the open descriptors, leaving out the reactor's.
+func ownFDs(t testing.TB) int {
+	n := openFDs(t)
+	if theReactor.running() {
+		n--
+	}
+	return n
 }
 
 func goroutineDump() string {

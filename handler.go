@@ -91,21 +91,22 @@ func (h *Handler) leave() {
 // configured. It returns the outcome with conn nil if no upstream could be
 // had, which it has logged.
 //
-// The dialling runs on a goroutine of its own, which ends with it: Go's
-// dial path is deep, and run on the connection's own goroutine it would
-// leave that goroutine, which then waits for the connection's lifetime,
-// with a stack twice the size.
+// The dialling runs on a pooled worker: Go's dial path is deep, and run on
+// the connection's own goroutine it would leave that goroutine, which then
+// waits for the connection's lifetime, with a stack twice the size; a
+// fresh goroutine would grow (copy) its stack for every connection.
 func (h *Handler) connect(down *layer4.Connection, key string) *dialOutcome {
-	d := new(dialOutcome)
+	d := &dialOutcome{h: h, down: down, key: key}
 	d.done.Add(1)
-	go h.dialFor(down, key, d)
+	dialWorkers.submit(d)
 	d.done.Wait()
 	return d
 }
 
-// dialFor fills d for connect, on its own goroutine.
-func (h *Handler) dialFor(down *layer4.Connection, key string, d *dialOutcome) {
+// dial fills d for connect, on a dialling worker.
+func (d *dialOutcome) dial() {
 	defer d.done.Done()
+	h, down, key := d.h, d.down, d.key
 	h.dialUpstream(down, key, d)
 	if d.passedOver {
 		h.countFailovers(key, d)
@@ -179,6 +180,10 @@ func (h *Handler) connKey(down *layer4.Connection) string {
 
 // dialOutcome is the result of dialUpstream, with the decisions behind it.
 type dialOutcome struct {
+	h    *Handler
+	down *layer4.Connection
+	key  string
+
 	upstream *upstream // reserved: release it when the connection ends
 	index    int
 	conn     net.Conn

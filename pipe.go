@@ -20,17 +20,20 @@ import (
 
 // This file moves bytes between a client and its upstream.
 //
-// Ownership: the handler's goroutine owns the session. It starts one more
-// goroutine for the client-to-upstream direction and copies the
-// upstream-to-client direction itself, then waits for both. It closes the
-// upstream connection; caddy-l4 closes the client connection when Handle
-// returns. Nothing else closes either of them: an abort (an error in one
-// direction, or the idle timeout) only sets deadlines in the past, which
-// wakes both directions so that they return.
+// Ownership: the handler's goroutine owns the session. It runs the two
+// directions, each a flow (flow.go), on pooled worker goroutines and waits
+// for both; it never copies bytes itself, so its stack, which an idle
+// connection keeps for its whole life, stays small. It closes the upstream
+// connection; caddy-l4 closes the client connection when Handle returns.
+// Nothing else closes either of them: an abort (an error in one direction,
+// or the idle timeout) sets deadlines in the past, which wakes a flow
+// waiting on its socket, and ends a flow parked in the reactor.
 //
-// While a connection is idle it holds its two sockets and the two parked
-// goroutines' stacks, nothing more: every buffer or kernel pipe is taken
-// only once a socket is readable, and given back before the next wait.
+// While a connection is idle it holds its two sockets and its handler's
+// goroutine, nothing more: every buffer or kernel pipe is taken only once a
+// socket is readable, and given back before the next wait; and on Linux a
+// flow idle for a moment parks its socket in the reactor and gives its
+// goroutine back.
 
 // side names the end of a connection.
 type side uint8
@@ -69,17 +72,14 @@ type session struct {
 	aborted atomic.Bool
 	cause   error // why the session was aborted; written once, before aborted is set
 
-	upward sync.WaitGroup // the client-to-upstream goroutine
+	upward, downward flow           // client to upstream, upstream to client
+	flowsDone        sync.WaitGroup // both flows have ended
 
-	// The sockets under the connections, taken once per session (each
-	// SyscallConn allocates): nil for what is not a plain stream socket.
-	downSocket, upSocket syscall.RawConn
-
-	// Written by their own direction, read after both have ended.
+	// Written when a flow ends, read after both have.
 	toUpstream, toClient int64
 	upErr, downErr       error
 	firstEOF             atomic.Uint32 // the side whose EOF came first
-	finished             atomic.Int32  // directions that have ended
+	finished             atomic.Int32  // flows that ended at their source's EOF
 }
 
 // errIdle is why a session ends when no byte moved for the idle timeout.
@@ -93,53 +93,44 @@ func (s *session) run() {
 		s.idleTimer = time.AfterFunc(s.idleTimeout, s.checkIdle)
 	}
 
-	s.downSocket = rawConn(innermost(s.down))
-	s.upSocket = rawConn(innermost(s.up))
+	downSocket := rawConn(innermost(s.down))
+	upSocket := rawConn(innermost(s.up))
+	s.upward.init(s, sideClient, s.down, s.readEndpoint(s.down, downSocket), s.writeEndpoint(s.up, upSocket))
+	s.downward.init(s, sideUpstream, s.up, s.readEndpoint(s.up, upSocket), s.writeEndpoint(s.down, downSocket))
 
-	s.upward.Add(1)
-	go s.copyUpward()
-	s.copyDownward()
-	s.upward.Wait()
+	s.flowsDone.Add(2)
+	sessions.add(s)
+	flowWorkers.submit(&s.upward)
+	flowWorkers.submit(&s.downward)
+	s.flowsDone.Wait()
+	sessions.remove(s)
 
 	if s.idleTimer != nil {
 		s.idleTimer.Stop()
 	}
 }
 
-// copyUpward copies what the client sends to the upstream.
-func (s *session) copyUpward() {
-	defer s.upward.Done()
-	n, err := s.forwardPrefetched()
-	if err == nil {
-		var m int64
-		m, err = copyStream(s.writeEndpoint(s.up, s.upSocket), s.readEndpoint(s.down, s.downSocket), s)
-		n += m
+// flowEnded records how a flow ended and passes it on: on its source's EOF
+// the half-close goes to the other side, whose opposite direction keeps
+// flowing; an error aborts the whole session.
+func (s *session) flowEnded(f *flow, err error) {
+	if f.from == sideClient {
+		s.toUpstream, s.upErr = f.n, err
+	} else {
+		s.toClient, s.downErr = f.n, err
 	}
-	s.toUpstream, s.upErr = n, err
-	s.finish(sideClient, s.up, err)
-}
-
-// copyDownward copies what the upstream sends to the client.
-func (s *session) copyDownward() {
-	n, err := copyStream(s.writeEndpoint(s.down, s.downSocket), s.readEndpoint(s.up, s.upSocket), s)
-	s.toClient, s.downErr = n, err
-	s.finish(sideUpstream, s.down, err)
-}
-
-// finish ends one direction: on the reading side's EOF it passes the
-// half-close on to the other side, whose opposite direction keeps flowing;
-// on an error it aborts the whole session.
-func (s *session) finish(from side, dst net.Conn, err error) {
+	defer s.flowsDone.Done()
 	if err != nil {
 		s.abort(err)
 		return
 	}
-	s.firstEOF.CompareAndSwap(uint32(sideNone), uint32(from))
+	s.firstEOF.CompareAndSwap(uint32(sideNone), uint32(f.from))
 	if s.finished.Add(1) == 2 {
 		// The other direction is over too: both connections are about to
 		// be closed, which sends this FIN anyway.
 		return
 	}
+	dst := f.dst.conn
 	if cw, ok := innermost(dst).(closeWriter); ok && isStream(dst) {
 		if cw.CloseWrite() == nil {
 			return
@@ -165,6 +156,9 @@ func (s *session) abort(cause error) {
 		// passes write deadlines on to the listener's shared socket.
 		_ = s.down.SetWriteDeadline(past)
 	}
+	// A flow parked in the reactor waits on no deadline: end it here.
+	s.upward.cancelParked()
+	s.downward.cancelParked()
 }
 
 // closedByAbort reports whether err is the consequence of abort rather than
@@ -173,7 +167,8 @@ func (s *session) closedByAbort(err error) bool {
 	return s.aborted.Load() && (errors.Is(err, os.ErrDeadlineExceeded) || errors.Is(err, net.ErrClosed))
 }
 
-// touch records that a byte moved, for the idle timeout.
+// touch records that a byte moved, for the idle timeout (idle flows are
+// tracked by their own, coarser clock).
 func (s *session) touch() {
 	if s.idleTimeout > 0 {
 		s.lastActive.Store(time.Now().UnixNano())
@@ -304,15 +299,11 @@ type closeWriter interface {
 }
 
 // copyStream copies from src to dst until src's EOF (a nil error) or an
-// error: from a socket by copySocket, which takes a buffer or a kernel pipe
-// only once the socket is readable; from anything else (TLS, a PROXY
-// protocol wrapper) through a buffer; datagrams one by one.
+// error, for a flow whose source is not a plain socket: a TLS or PROXY
+// protocol wrapper through a buffer, datagrams one by one.
 func copyStream(dst, src endpoint, s *session) (int64, error) {
 	if !isStream(src.conn) || !isStream(dst.conn) {
-		return copyDatagrams(dst.conn, src.conn, s)
-	}
-	if src.raw != nil {
-		n, err := copySocket(dst, src.raw, s)
+		n, err := copyDatagrams(dst.conn, src.conn, s)
 		return n, s.wrapCopyErr(err)
 	}
 	n, err := copyBuffered(dst.conn, src.conn, s)

@@ -39,7 +39,6 @@ var smallBuffers = sync.Pool{New: func() any {
 // made once per copy, not once per read, so that reading allocates
 // nothing.
 type socketCopy struct {
-	s   *session
 	dst endpoint
 	src syscall.RawConn
 
@@ -56,36 +55,31 @@ type socketCopy struct {
 	readIntoBuffer, readIntoPipe, writeFromPipe func(fd uintptr) bool
 }
 
-// copySocket copies from the socket src to dst until src's EOF (a nil
-// error) or an error.
-func copySocket(dst endpoint, src syscall.RawConn, s *session) (int64, error) {
-	c := &socketCopy{s: s, dst: dst, src: src, spliceOK: spliceSupported && dst.raw != nil}
+// newSocketCopy prepares copying from the socket src to dst.
+func newSocketCopy(dst endpoint, src syscall.RawConn) *socketCopy {
+	c := &socketCopy{dst: dst, src: src, spliceOK: spliceSupported && dst.raw != nil}
 	c.readIntoBuffer = c.bufferRead
 	c.readIntoPipe = c.pipeRead
 	c.writeFromPipe = c.pipeWrite
-	defer c.release()
+	return c
+}
 
-	var total int64
+// next waits until the socket is readable and moves what it has: a
+// buffer's worth, or in bulk mode what one splice takes. It returns 0 bytes
+// and no error at the socket's EOF.
+func (c *socketCopy) next() (int, error) {
 	for {
-		var n int
-		var err error
-		if c.splicing {
-			n, err = c.spliceChunk()
-			if errors.Is(err, errSpliceUnavailable) {
-				// No pipe could be had (descriptors ran out, say), or the
-				// sockets refuse splice; nothing was lost: go on through
-				// the buffer, which needs no descriptor.
-				c.splicing, c.spliceOK = false, false
-				continue
-			}
-		} else {
-			n, err = c.bufferChunk()
+		if !c.splicing {
+			return c.bufferChunk()
 		}
-		total += int64(n)
-		if err != nil || n == 0 {
-			return total, err // 0 bytes and no error: EOF
+		n, err := c.spliceChunk()
+		if !errors.Is(err, errSpliceUnavailable) {
+			return n, err
 		}
-		s.touch()
+		// No pipe could be had (descriptors ran out, say), or the sockets
+		// refuse splice; nothing was lost: go on through the buffer, which
+		// needs no descriptor.
+		c.splicing, c.spliceOK = false, false
 	}
 }
 
@@ -126,7 +120,8 @@ func (c *socketCopy) bufferRead(fd uintptr) bool {
 	return true
 }
 
-// release gives back whatever the copy still holds when it ends.
+// release gives back whatever the copy holds: when it ends, and when its
+// flow parks (then the pipe is empty, and nothing is lost).
 func (c *socketCopy) release() {
 	if c.buf != nil {
 		smallBuffers.Put(c.buf)

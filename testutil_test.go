@@ -454,12 +454,28 @@ func exchange(conn net.Conn, p []byte) ([]byte, error) {
 // list, so that a test can be sure a connection tries it first.
 func deadAddrPreferred(t testing.TB, key, live string, free func(testing.TB) string) string {
 	t.Helper()
-	for range 100 {
+	seen := map[string]bool{}
+	for range 200 {
 		candidate := free(t)
-		if NewPicker([]PickerUpstream{{Dial: live}, {Dial: candidate}}).Pick(key, nil) == 1 {
+		if seen[candidate] {
+			// the kernel hands out a port just freed again: ask for others
+			candidate = fmt.Sprintf("127.0.0.1:%d", 20000+len(seen)*97%40000)
+		}
+		seen[candidate] = true
+		if NewPicker([]PickerUpstream{{Dial: live}, {Dial: candidate}}).Pick(key, nil) == 1 && nothingListens(candidate) {
 			return candidate
 		}
 	}
 	t.Fatalf("found no address that %s prefers to %s", key, live)
 	return ""
+}
+
+// nothingListens reports whether a TCP connection to addr is refused.
+func nothingListens(addr string) bool {
+	c, err := net.DialTimeout("tcp", addr, time.Second)
+	if err != nil {
+		return true
+	}
+	c.Close()
+	return false
 }
