@@ -32,8 +32,9 @@ type flow struct {
 	srcConn net.Conn // read deadlines go here
 	src     endpoint
 	dst     endpoint
-	copier  *socketCopy // nil when src is not a plain socket
-	fd      int         // src's descriptor, for the reactor; -1 when it cannot park
+	copier  *socketCopy // &socket when src is a plain socket, else nil
+	socket  socketCopy
+	fd      int // src's descriptor, for the reactor; -1 when it cannot park
 
 	state    atomic.Int32
 	detach   atomic.Bool   // the sweeper asks it to park
@@ -41,6 +42,9 @@ type flow struct {
 	lastTick atomic.Uint32 // the sweeper's tick when a byte last moved
 	started  bool          // the prefetched bytes were forwarded (owner only)
 	n        int64         // bytes moved (owner only)
+
+	prev, next *flow // in activeFlows, guarded by its lock
+	listed     bool  // in activeFlows, guarded by its lock
 }
 
 const (
@@ -52,7 +56,8 @@ const (
 func (f *flow) init(s *session, from side, srcConn net.Conn, src, dst endpoint) {
 	f.s, f.from, f.srcConn, f.src, f.dst, f.fd = s, from, srcConn, src, dst, -1
 	if src.raw != nil && isStream(src.conn) && isStream(dst.conn) {
-		f.copier = newSocketCopy(dst, src.raw)
+		f.socket.init(dst, src.raw)
+		f.copier = &f.socket
 		if reactorSupported {
 			f.fd = socketFD(src.raw)
 		}
@@ -66,6 +71,7 @@ func (f *flow) run() {
 		f.end(errAborted)
 		return
 	}
+	activeFlows.add(f)
 	if !f.started {
 		f.started = true
 		if f.from == sideClient {
@@ -126,6 +132,7 @@ func (f *flow) park() bool {
 	f.detach.Store(false)
 	_ = f.srcConn.SetReadDeadline(time.Time{}) // clear the sweeper's wake-up
 	f.copier.release()                         // hold nothing while parked
+	activeFlows.remove(f)
 	// armed is set first: once the socket is armed the reactor may hand
 	// the flow to another worker before arm even returns.
 	f.armed = true
@@ -133,6 +140,7 @@ func (f *flow) park() bool {
 	if err := theReactor.arm(f); err != nil {
 		if f.state.CompareAndSwap(flowParked, flowRunning) {
 			f.armed = false
+			activeFlows.add(f)
 		}
 		return false
 	}
@@ -160,6 +168,7 @@ func (f *flow) cancelParked() {
 
 // end finishes the flow, once, from its owner.
 func (f *flow) end(err error) {
+	activeFlows.remove(f)
 	if f.armed {
 		theReactor.forget(f) // before the session can close the socket
 		f.armed = false
@@ -182,11 +191,13 @@ func (f *flow) requestDetach() {
 }
 
 // The sweeper parks flows idle for a moment: every sweepInterval it looks
-// at the flows of all sessions, and asks those that moved nothing for
-// parkAfterTicks ticks to park. It runs while sessions exist, and stops
-// when the last one ends.
+// at the flows that can park and are not parked, and asks those that moved
+// nothing for parkAfterTicks ticks (25 to 50 ms) to park. Parked flows are
+// not looked at, so a process with many idle connections costs the sweeper
+// nothing. It runs while such flows exist, and stops when the last one
+// parks or ends.
 const (
-	sweepInterval  = 250 * time.Millisecond
+	sweepInterval  = 25 * time.Millisecond
 	parkAfterTicks = 2
 )
 
@@ -194,22 +205,31 @@ const (
 // reading it costs a flow nothing on every chunk.
 var sweepTick atomic.Uint32
 
-// sessionRegistry lists every session flowing in the process, across
-// handlers and configs, for the sweeper.
-type sessionRegistry struct {
+// flowRegistry lists the flows that could park and are running, across
+// handlers and configs, for the sweeper: an intrusive list, so that adding
+// and removing a flow allocates nothing.
+type flowRegistry struct {
 	mu       sync.Mutex
-	sessions map[*session]struct{}
+	head     *flow
 	sweeping bool
 }
 
-var sessions = sessionRegistry{sessions: make(map[*session]struct{})}
+var activeFlows flowRegistry
 
-func (r *sessionRegistry) add(s *session) {
-	if !reactorSupported {
+// add lists f; its owner calls it when f starts or resumes.
+func (r *flowRegistry) add(f *flow) {
+	if f.fd < 0 {
 		return
 	}
 	r.mu.Lock()
-	r.sessions[s] = struct{}{}
+	if !f.listed {
+		f.listed = true
+		f.next, f.prev = r.head, nil
+		if r.head != nil {
+			r.head.prev = f
+		}
+		r.head = f
+	}
 	if !r.sweeping {
 		r.sweeping = true
 		go r.sweep()
@@ -217,34 +237,43 @@ func (r *sessionRegistry) add(s *session) {
 	r.mu.Unlock()
 }
 
-func (r *sessionRegistry) remove(s *session) {
-	if !reactorSupported {
+// remove unlists f; its owner calls it when f parks or ends.
+func (r *flowRegistry) remove(f *flow) {
+	if f.fd < 0 {
 		return
 	}
 	r.mu.Lock()
-	delete(r.sessions, s)
+	if f.listed {
+		if f.prev != nil {
+			f.prev.next = f.next
+		} else {
+			r.head = f.next
+		}
+		if f.next != nil {
+			f.next.prev = f.prev
+		}
+		f.prev, f.next, f.listed = nil, nil, false
+	}
 	r.mu.Unlock()
 }
 
-// sweep is the sweeper's loop. It ends when no session is left.
-func (r *sessionRegistry) sweep() {
+// sweep is the sweeper's loop. It ends when no flow is listed.
+func (r *flowRegistry) sweep() {
 	ticker := time.NewTicker(sweepInterval)
 	defer ticker.Stop()
 	var idle []*flow
 	for range ticker.C {
 		tick := sweepTick.Add(1)
 		r.mu.Lock()
-		if len(r.sessions) == 0 {
+		if r.head == nil {
 			r.sweeping = false
 			r.mu.Unlock()
 			return
 		}
 		idle = idle[:0]
-		for s := range r.sessions {
-			for _, f := range []*flow{&s.upward, &s.downward} {
-				if tick-f.lastTick.Load() >= parkAfterTicks {
-					idle = append(idle, f)
-				}
+		for f := r.head; f != nil; f = f.next {
+			if tick-f.lastTick.Load() >= parkAfterTicks {
+				idle = append(idle, f)
 			}
 		}
 		r.mu.Unlock()

@@ -33,16 +33,17 @@ func (h *Handler) Handle(down *layer4.Connection, _ layer4.Handler) error {
 	defer h.leave()
 
 	start := time.Now()
-	key := h.connKey(down)
-	d := h.connect(down, key)
+	// One allocation holds the session and the dial's outcome.
+	s := &session{down: down, key: h.connKey(down), idleTimeout: time.Duration(h.IdleTimeout)}
+	d := &s.dial
+	h.connect(d, down, s.key)
 	if d.conn == nil {
 		return nil
 	}
-	u := d.upstream
-	defer u.release()
+	s.up, s.upstream = d.conn, d.upstream
+	defer d.upstream.release()
 	defer func() { _ = d.conn.Close() }()
 
-	s := &session{down: down, up: d.conn, key: key, upstream: u, idleTimeout: time.Duration(h.IdleTimeout)}
 	h.sessions.add(s)
 	s.run()
 	h.sessions.remove(s)
@@ -88,19 +89,18 @@ func (h *Handler) leave() {
 
 // connect dials the connection's upstream, failing over as needed, and
 // starts the upstream connection with the PROXY protocol header if one is
-// configured. It returns the outcome with conn nil if no upstream could be
-// had, which it has logged.
+// configured. It fills d, with conn nil if no upstream could be had, which
+// it has logged.
 //
 // The dialling runs on a pooled worker: Go's dial path is deep, and run on
 // the connection's own goroutine it would leave that goroutine, which then
 // waits for the connection's lifetime, with a stack twice the size; a
 // fresh goroutine would grow (copy) its stack for every connection.
-func (h *Handler) connect(down *layer4.Connection, key string) *dialOutcome {
-	d := &dialOutcome{h: h, down: down, key: key}
+func (h *Handler) connect(d *dialOutcome, down *layer4.Connection, key string) {
+	d.h, d.down, d.key = h, down, key
 	d.done.Add(1)
 	dialWorkers.submit(d)
 	d.done.Wait()
-	return d
 }
 
 // dial fills d for connect, on a dialling worker.

@@ -72,6 +72,7 @@ type session struct {
 	aborted atomic.Bool
 	cause   error // why the session was aborted; written once, before aborted is set
 
+	dial             dialOutcome    // how the upstream was chosen
 	upward, downward flow           // client to upstream, upstream to client
 	flowsDone        sync.WaitGroup // both flows have ended
 
@@ -99,11 +100,9 @@ func (s *session) run() {
 	s.downward.init(s, sideUpstream, s.up, s.readEndpoint(s.up, upSocket), s.writeEndpoint(s.down, downSocket))
 
 	s.flowsDone.Add(2)
-	sessions.add(s)
 	flowWorkers.submit(&s.upward)
 	flowWorkers.submit(&s.downward)
 	s.flowsDone.Wait()
-	sessions.remove(s)
 
 	if s.idleTimer != nil {
 		s.idleTimer.Stop()

@@ -76,12 +76,15 @@ func (u *soakUpstream) stop() {
 	for id := range u.active {
 		u.cut[id] = true
 	}
-	began := time.Now()
+	// recorded as begun before anything closes, so that a client failing
+	// while the stop is under way sees it; the end is filled in after
+	u.stops = append(u.stops, [2]time.Time{time.Now()})
+	i := len(u.stops) - 1
 	be := u.be
 	u.mu.Unlock()
 	be.stop()
 	u.mu.Lock()
-	u.stops = append(u.stops, [2]time.Time{began, time.Now()})
+	u.stops[i][1] = time.Now()
 	u.mu.Unlock()
 }
 
@@ -93,7 +96,11 @@ func (u *soakUpstream) explains(id string, start, end time.Time) (seen, cut, sto
 	u.mu.Lock()
 	defer u.mu.Unlock()
 	for _, stop := range u.stops {
-		if !stop[0].After(end) && !stop[1].Before(start) {
+		ended := stop[1]
+		if ended.IsZero() {
+			ended = time.Now() // still under way
+		}
+		if !stop[0].After(end) && !ended.Before(start) {
 			stopped = true
 		}
 	}
@@ -215,12 +222,14 @@ func TestSoak(t *testing.T) {
 				payload := randomBytes(uint64(w)<<32|uint64(i), 16+r.IntN(512<<10))
 				id := string(payload[:16])
 				start := time.Now()
+				var local string
 				got, err := func() ([]byte, error) {
 					conn, err := net.DialTimeout("tcp", c.listen, testTimeout)
 					if err != nil {
 						return nil, err
 					}
 					defer conn.Close()
+					local = conn.LocalAddr().String()
 					_ = conn.SetDeadline(time.Now().Add(testTimeout))
 					return roundTrip(conn.(*net.TCPConn), payload)
 				}()
@@ -255,8 +264,8 @@ func TestSoak(t *testing.T) {
 							where = append(where, u.name+" "+u.addr)
 						}
 					}
-					fail("lost", fmt.Sprintf("stream %x (reached %v) %s..%s: %d of %d bytes back: %v",
-						id, where, start.Format("05.000000"), end.Format("05.000000"), len(got), len(payload), err), false)
+					fail("lost", fmt.Sprintf("stream %x from %s (reached %v) %s..%s: %d of %d bytes back: %v",
+						id, local, where, start.Format("05.000000"), end.Format("05.000000"), len(got), len(payload), err), false)
 				}
 			}
 		})
@@ -271,7 +280,11 @@ func TestSoak(t *testing.T) {
 	}
 	sort.Strings(reasons)
 	for _, u := range all {
-		t.Logf("%s at %s was stopped %d times", u.name, u.addr, len(u.stops))
+		var stops []string
+		for _, stop := range u.stops {
+			stops = append(stops, stop[0].Format("05.000000")+".."+stop[1].Format("05.000000"))
+		}
+		t.Logf("%s at %s was stopped %d times: %s", u.name, u.addr, len(u.stops), strings.Join(stops, " "))
 	}
 	t.Logf("soak for %s: %d connections served, %d MB verified byte for byte; %d flaps, %d reloads; failed: %s; "+
 		"peaks: %d goroutines, %d descriptors, %d MB heap",

@@ -35,9 +35,10 @@ var smallBuffers = sync.Pool{New: func() any {
 	return &b
 }}
 
-// socketCopy copies one direction from a socket. Its read callbacks are
-// made once per copy, not once per read, so that reading allocates
-// nothing.
+// socketCopy copies one direction from a socket. Its one readiness
+// callback dispatches on op; it is made when the copy starts moving bytes
+// and dropped when its flow parks, so that reading allocates nothing and a
+// parked flow holds no closure.
 type socketCopy struct {
 	dst endpoint
 	src syscall.RawConn
@@ -52,16 +53,44 @@ type socketCopy struct {
 	err    error
 	inPipe int // bytes read into the pipe and not yet written out
 
-	readIntoBuffer, readIntoPipe, writeFromPipe func(fd uintptr) bool
+	op       copyOp
+	callback func(fd uintptr) bool // nil while parked
 }
 
-// newSocketCopy prepares copying from the socket src to dst.
-func newSocketCopy(dst endpoint, src syscall.RawConn) *socketCopy {
-	c := &socketCopy{dst: dst, src: src, spliceOK: spliceSupported && dst.raw != nil}
-	c.readIntoBuffer = c.bufferRead
-	c.readIntoPipe = c.pipeRead
-	c.writeFromPipe = c.pipeWrite
-	return c
+// copyOp is what the readiness callback does.
+type copyOp uint8
+
+const (
+	opReadIntoBuffer copyOp = iota
+	opReadIntoPipe
+	opWriteFromPipe
+)
+
+// ready is the readiness callback: it runs op on the socket fd.
+func (c *socketCopy) ready(fd uintptr) bool {
+	switch c.op {
+	case opReadIntoBuffer:
+		return c.bufferRead(fd)
+	case opReadIntoPipe:
+		return c.pipeRead(fd)
+	case opWriteFromPipe:
+		return c.pipeWrite(fd)
+	}
+	return true // no such op: let the caller see nothing read
+}
+
+// on returns the callback for op.
+func (c *socketCopy) on(op copyOp) func(fd uintptr) bool {
+	if c.callback == nil {
+		c.callback = c.ready
+	}
+	c.op = op
+	return c.callback
+}
+
+// init prepares copying from the socket src to dst.
+func (c *socketCopy) init(dst endpoint, src syscall.RawConn) {
+	*c = socketCopy{dst: dst, src: src, spliceOK: spliceSupported && dst.raw != nil}
 }
 
 // next waits until the socket is readable and moves what it has: a
@@ -87,7 +116,7 @@ func (c *socketCopy) next() (int, error) {
 // buffer and writes that out.
 func (c *socketCopy) bufferChunk() (int, error) {
 	c.n, c.err = 0, nil
-	err := c.src.Read(c.readIntoBuffer)
+	err := c.src.Read(c.on(opReadIntoBuffer))
 	if err == nil {
 		err = c.err
 	}
@@ -135,4 +164,5 @@ func (c *socketCopy) release() {
 		}
 		c.pipe = nil
 	}
+	c.callback = nil
 }

@@ -107,7 +107,7 @@ const spliceSupported = true
 // ends the bulk mode.
 func (c *socketCopy) spliceChunk() (int, error) {
 	c.n, c.err = 0, nil
-	err := c.src.Read(c.readIntoPipe)
+	err := c.src.Read(c.on(opReadIntoPipe))
 	if err == nil {
 		err = c.err
 	}
@@ -121,7 +121,7 @@ func (c *socketCopy) spliceChunk() (int, error) {
 	c.inPipe = n
 	for c.inPipe > 0 {
 		c.n, c.err = 0, nil
-		err := c.dst.raw.Write(c.writeFromPipe)
+		err := c.dst.raw.Write(c.on(opWriteFromPipe))
 		if err == nil {
 			err = c.err
 		}
