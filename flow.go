@@ -29,12 +29,13 @@ type flow struct {
 	s    *session
 	from side // where the bytes come from: sideClient for the upward flow
 
-	srcConn net.Conn // read deadlines go here
-	src     endpoint
-	dst     endpoint
-	copier  *socketCopy // &socket when src is a plain socket, else nil
-	socket  socketCopy
-	fd      int // src's descriptor, for the reactor; -1 when it cannot park
+	srcConn  net.Conn // read deadlines go here
+	src      endpoint
+	dst      endpoint
+	copier   *socketCopy // &socket when src is a plain socket, else nil
+	socket   socketCopy
+	parkable bool // src is a socket the reactor can hold
+	fd       int  // src's descriptor, taken when the flow first parks (owner only)
 
 	state    atomic.Int32
 	detach   atomic.Bool   // the sweeper asks it to park
@@ -58,9 +59,7 @@ func (f *flow) init(s *session, from side, srcConn net.Conn, src, dst endpoint) 
 	if src.raw != nil && isStream(src.conn) && isStream(dst.conn) {
 		f.socket.init(dst, src.raw)
 		f.copier = &f.socket
-		if reactorSupported {
-			f.fd = socketFD(src.raw)
-		}
+		f.parkable = reactorSupported
 	}
 	f.lastTick.Store(sweepTick.Load())
 }
@@ -130,9 +129,11 @@ func (f *flow) detachRequested(err error) bool {
 // if it did not, the flow goes on waiting in Go's poller.
 func (f *flow) park() bool {
 	f.detach.Store(false)
-	_ = f.srcConn.SetReadDeadline(time.Time{}) // clear the sweeper's wake-up
-	f.copier.release()                         // hold nothing while parked
+	_ = f.srcConn.SetReadDeadline(time.Time{}) // clear the sweeper's wake-up	f.copier.release() // hold nothing while parked
 	activeFlows.remove(f)
+	if f.fd < 0 {
+		f.fd = socketFD(f.src.raw)
+	}
 	// armed is set first: once the socket is armed the reactor may hand
 	// the flow to another worker before arm even returns.
 	f.armed = true
@@ -183,7 +184,7 @@ func (f *flow) end(err error) {
 // requestDetach asks a flow idle in Go's poller to park: its read wakes
 // with a deadline error, which the flow takes as the request.
 func (f *flow) requestDetach() {
-	if f.fd < 0 || f.state.Load() != flowRunning || f.detach.Load() {
+	if !f.parkable || f.state.Load() != flowRunning || f.detach.Load() {
 		return
 	}
 	f.detach.Store(true)
@@ -218,7 +219,7 @@ var activeFlows flowRegistry
 
 // add lists f; its owner calls it when f starts or resumes.
 func (r *flowRegistry) add(f *flow) {
-	if f.fd < 0 {
+	if !f.parkable {
 		return
 	}
 	r.mu.Lock()
@@ -239,7 +240,7 @@ func (r *flowRegistry) add(f *flow) {
 
 // remove unlists f; its owner calls it when f parks or ends.
 func (r *flowRegistry) remove(f *flow) {
-	if f.fd < 0 {
+	if !f.parkable {
 		return
 	}
 	r.mu.Lock()
