@@ -6,6 +6,7 @@ package godist
 import (
 	"os"
 	"path/filepath"
+	"reflect"
 	"regexp"
 	"strings"
 	"testing"
@@ -94,4 +95,68 @@ func stripComments(s string) string {
 		}
 	}
 	return strings.Join(kept, "")
+}
+
+// TestReadmeOptionReference keeps the README's option reference complete:
+// every JSON field of the handler's config is in it, and its syntax block
+// is the one in UnmarshalCaddyfile's doc comment.
+func TestReadmeOptionReference(t *testing.T) {
+	readme, err := os.ReadFile("README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	section := string(readme)
+	start := strings.Index(section, "\n## Option reference\n")
+	if start < 0 {
+		t.Fatal("README has no '## Option reference' section")
+	}
+	section = section[start:]
+	if end := strings.Index(section[1:], "\n## "); end >= 0 {
+		section = section[:end+1]
+	}
+	fields := jsonFields(reflect.TypeOf(Handler{}), "")
+	fields = append(fields, jsonFields(reflect.TypeOf(Upstream{}), "upstreams[].")...)
+	fields = append(fields, jsonFields(reflect.TypeOf(ActiveHealthChecks{}), "health_checks.active.")...)
+	fields = append(fields, jsonFields(reflect.TypeOf(PassiveHealthChecks{}), "health_checks.passive.")...)
+	for _, f := range fields {
+		if f == "health_checks" || f == "upstreams" {
+			continue // their fields are listed one by one
+		}
+		if !strings.Contains(section, "`"+f+"`") {
+			t.Errorf("the README's option reference does not list JSON field %q", f)
+		}
+	}
+
+	source, err := os.ReadFile("caddyfile.go")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// the block: the doc comment's tab-indented lines, and the empty
+	// comment lines between them
+	doc := regexp.MustCompile(`// UnmarshalCaddyfile sets up the handler from Caddyfile tokens\. Syntax:\n//\n((?://\t.*\n|//\n)*?//\t\}\n)`).FindSubmatch(source)
+	if doc == nil {
+		t.Fatal("UnmarshalCaddyfile's doc comment has no syntax block")
+	}
+	var syntax []string
+	for _, line := range strings.Split(strings.TrimSuffix(string(doc[1]), "\n"), "\n") {
+		syntax = append(syntax, strings.TrimPrefix(strings.TrimPrefix(line, "//"), "\t"))
+	}
+	block := "```\n" + strings.Join(syntax, "\n") + "\n```"
+	if !strings.Contains(string(readme), block) {
+		t.Errorf("the README's syntax block differs from UnmarshalCaddyfile's; it should read:\n%s", block)
+	}
+}
+
+// jsonFields lists the JSON names of t's exported fields, with prefix.
+func jsonFields(t reflect.Type, prefix string) []string {
+	var out []string
+	for i := range t.NumField() {
+		tag := t.Field(i).Tag.Get("json")
+		name, _, _ := strings.Cut(tag, ",")
+		if name == "" || name == "-" {
+			continue
+		}
+		out = append(out, prefix+name)
+	}
+	return out
 }
