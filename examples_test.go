@@ -114,10 +114,10 @@ func TestReadmeOptionReference(t *testing.T) {
 	if end := strings.Index(section[1:], "\n## "); end >= 0 {
 		section = section[:end+1]
 	}
-	fields := jsonFields(reflect.TypeOf(Handler{}), "")
-	fields = append(fields, jsonFields(reflect.TypeOf(Upstream{}), "upstreams[].")...)
-	fields = append(fields, jsonFields(reflect.TypeOf(ActiveHealthChecks{}), "health_checks.active.")...)
-	fields = append(fields, jsonFields(reflect.TypeOf(PassiveHealthChecks{}), "health_checks.passive.")...)
+	fields := jsonFields(reflect.TypeFor[Handler](), "")
+	fields = append(fields, jsonFields(reflect.TypeFor[Upstream](), "upstreams[].")...)
+	fields = append(fields, jsonFields(reflect.TypeFor[ActiveHealthChecks](), "health_checks.active.")...)
+	fields = append(fields, jsonFields(reflect.TypeFor[PassiveHealthChecks](), "health_checks.passive.")...)
 	for _, f := range fields {
 		if f == "health_checks" || f == "upstreams" {
 			continue // their fields are listed one by one
@@ -138,7 +138,7 @@ func TestReadmeOptionReference(t *testing.T) {
 		t.Fatal("UnmarshalCaddyfile's doc comment has no syntax block")
 	}
 	var syntax []string
-	for _, line := range strings.Split(strings.TrimSuffix(string(doc[1]), "\n"), "\n") {
+	for line := range strings.SplitSeq(strings.TrimSuffix(string(doc[1]), "\n"), "\n") {
 		syntax = append(syntax, strings.TrimPrefix(strings.TrimPrefix(line, "//"), "\t"))
 	}
 	block := "```\n" + strings.Join(syntax, "\n") + "\n```"
@@ -150,8 +150,8 @@ func TestReadmeOptionReference(t *testing.T) {
 // jsonFields lists the JSON names of t's exported fields, with prefix.
 func jsonFields(t reflect.Type, prefix string) []string {
 	var out []string
-	for i := range t.NumField() {
-		tag := t.Field(i).Tag.Get("json")
+	for field := range t.Fields() {
+		tag := field.Tag.Get("json")
 		name, _, _ := strings.Cut(tag, ",")
 		if name == "" || name == "-" {
 			continue

@@ -359,8 +359,9 @@ func copyThrough(dst net.Conn, src net.Conn, buf []byte, s *session) (int64, err
 	}
 }
 
-// copyBufferSize is the size of the buffers of the copying paths that
-// cannot splice. 32 KiB moves bulk data in few system calls.
+// copyBufferSize is the size of the buffers of connections that are not
+// plain sockets (TLS, PROXY protocol wrappers), which hold theirs while they
+// wait: 32 KiB moves bulk data in few system calls.
 const copyBufferSize = 32 << 10
 
 var copyBuffers = sync.Pool{New: func() any {

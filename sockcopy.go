@@ -19,8 +19,7 @@ import (
 //
 // Either way nothing is held while the socket is idle: the buffer or the
 // pipe is taken inside the readiness callback, once the socket has bytes,
-// and given back as soon as a read finds it empty. An idle connection
-// holds its two sockets and its goroutines' stacks, nothing more.
+// and given back as soon as a read finds it empty.
 
 // errSpliceUnavailable means no pipe could be made, or the sockets do not
 // support splice; nothing was lost, and copying goes on through a buffer.
