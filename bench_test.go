@@ -5,13 +5,10 @@ package godist
 
 import (
 	"encoding/binary"
-	"encoding/json"
 	"io"
 	"net"
 	"testing"
 	"time"
-
-	"github.com/caddyserver/caddy/v2"
 )
 
 // Benchmarks of the copy loop and of the whole path through Caddy. They
@@ -173,33 +170,11 @@ func copyAll(dst, src endpoint, s *session) (int64, error) {
 // startBenchCaddy runs Caddy in this process with one godist route and
 // logs at WARN: the tests' configs log at DEBUG, and godist's per-connection
 // debug line would be part of what is measured.
-func startBenchCaddy(b *testing.B, upstream string) string {
+func startBenchCaddy(b *testing.B, upstream string) *testCaddy {
 	b.Helper()
-	listen := freeAddr(b)
-	cfg := map[string]any{
-		"admin": map[string]any{"listen": freeAddr(b), "config": map[string]any{"persist": false}},
-		"logging": map[string]any{"logs": map[string]any{"default": map[string]any{
-			"writer": testLogWriter(), "level": "WARN",
-		}}},
-		"apps": map[string]any{"layer4": map[string]any{"servers": map[string]any{
-			"bench": map[string]any{"listen": []string{listen}, "routes": []map[string]any{
-				godistRoute(map[string]any{"upstreams": upstreamsJSON(upstream)}),
-			}},
-		}}},
-	}
-	js, err := json.Marshal(cfg)
-	if err != nil {
-		b.Fatal(err)
-	}
-	if err := caddy.Load(js, true); err != nil {
-		b.Fatalf("loading config into Caddy: %v", err)
-	}
-	b.Cleanup(func() {
-		if err := caddy.Stop(); err != nil {
-			b.Errorf("stopping Caddy: %v", err)
-		}
-	})
-	return listen
+	return startCaddyConfig(b, caddyConfig{LogLevel: "WARN", Routes: []map[string]any{
+		godistRoute(map[string]any{"upstreams": upstreamsJSON(upstream)}),
+	}})
 }
 
 // BenchmarkCaddyConnect measures one whole connection through Caddy and
@@ -207,23 +182,19 @@ func startBenchCaddy(b *testing.B, upstream string) string {
 // are the whole process's: client, Caddy and backend.
 func BenchmarkCaddyConnect(b *testing.B) {
 	be := startBackend(b, "echo", "", echo)
-	listen := startBenchCaddy(b, be.addr)
+	c := startBenchCaddy(b, be.addr)
 	msg := make([]byte, 64)
 	reply := make([]byte, 64)
 	b.ReportAllocs()
 	for b.Loop() {
-		c, err := net.DialTimeout("tcp", listen, testTimeout)
-		if err != nil {
+		conn := c.dial(b)
+		if _, err := conn.Write(msg); err != nil {
 			b.Fatal(err)
 		}
-		_ = c.SetDeadline(time.Now().Add(testTimeout))
-		if _, err := c.Write(msg); err != nil {
+		if _, err := io.ReadFull(conn, reply); err != nil {
 			b.Fatal(err)
 		}
-		if _, err := io.ReadFull(c, reply); err != nil {
-			b.Fatal(err)
-		}
-		c.Close()
+		conn.Close()
 	}
 }
 
@@ -257,18 +228,14 @@ func BenchmarkCaddyBulk(b *testing.B) {
 	b.Run("up", func(b *testing.B) {
 		counts := make(chan int64, 1)
 		be := startBackend(b, "sink", "", sinkCount(counts))
-		listen := startBenchCaddy(b, be.addr)
+		tc := startBenchCaddy(b, be.addr)
 		b.SetBytes(benchChunk)
 		b.ReportAllocs()
 		b.ResetTimer()
-		c, err := net.DialTimeout("tcp", listen, testTimeout)
-		if err != nil {
-			b.Fatal(err)
-		}
+		c := tc.dial(b)
 		defer c.Close()
-		_ = c.SetDeadline(time.Now().Add(testTimeout))
 		errc := make(chan error, 1)
-		go writeChunks(c.(*net.TCPConn), b.N, errc)
+		go writeChunks(c, b.N, errc)
 		var got int64
 		select {
 		case got = <-counts:
@@ -285,16 +252,12 @@ func BenchmarkCaddyBulk(b *testing.B) {
 	})
 	b.Run("down", func(b *testing.B) {
 		be := startBackend(b, "source", "", sourceN)
-		listen := startBenchCaddy(b, be.addr)
+		tc := startBenchCaddy(b, be.addr)
 		b.SetBytes(benchChunk)
 		b.ReportAllocs()
 		b.ResetTimer()
-		c, err := net.DialTimeout("tcp", listen, testTimeout)
-		if err != nil {
-			b.Fatal(err)
-		}
+		c := tc.dial(b)
 		defer c.Close()
-		_ = c.SetDeadline(time.Now().Add(testTimeout))
 		var req [8]byte
 		want := int64(b.N) * benchChunk
 		binary.BigEndian.PutUint64(req[:], uint64(want))

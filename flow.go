@@ -44,9 +44,10 @@ type flow struct {
 	started  bool          // the prefetched bytes were forwarded (owner only)
 	n        int64         // bytes moved (owner only)
 
-	prev, next *flow // in activeFlows, guarded by its lock
-	listed     bool  // in activeFlows, guarded by its lock
+	inList links[flow] // its place in activeFlows, guarded by its lock
 }
+
+func (f *flow) links() *links[flow] { return &f.inList }
 
 const (
 	flowRunning int32 = iota
@@ -211,7 +212,7 @@ var sweepTick atomic.Uint32
 // and removing a flow allocates nothing.
 type flowRegistry struct {
 	mu       sync.Mutex
-	head     *flow
+	list     intrusiveList[flow, *flow]
 	sweeping bool
 }
 
@@ -223,14 +224,7 @@ func (r *flowRegistry) add(f *flow) {
 		return
 	}
 	r.mu.Lock()
-	if !f.listed {
-		f.listed = true
-		f.next, f.prev = r.head, nil
-		if r.head != nil {
-			r.head.prev = f
-		}
-		r.head = f
-	}
+	r.list.push(f)
 	if !r.sweeping {
 		r.sweeping = true
 		go r.sweep()
@@ -244,17 +238,7 @@ func (r *flowRegistry) remove(f *flow) {
 		return
 	}
 	r.mu.Lock()
-	if f.listed {
-		if f.prev != nil {
-			f.prev.next = f.next
-		} else {
-			r.head = f.next
-		}
-		if f.next != nil {
-			f.next.prev = f.prev
-		}
-		f.prev, f.next, f.listed = nil, nil, false
-	}
+	r.list.remove(f)
 	r.mu.Unlock()
 }
 
@@ -266,17 +250,17 @@ func (r *flowRegistry) sweep() {
 	for range ticker.C {
 		tick := sweepTick.Add(1)
 		r.mu.Lock()
-		if r.head == nil {
+		if r.list.n == 0 {
 			r.sweeping = false
 			r.mu.Unlock()
 			return
 		}
 		idle = idle[:0]
-		for f := r.head; f != nil; f = f.next {
+		r.list.each(func(f *flow) {
 			if tick-f.lastTick.Load() >= parkAfterTicks {
 				idle = append(idle, f)
 			}
-		}
+		})
 		r.mu.Unlock()
 		for _, f := range idle {
 			f.requestDetach()
@@ -326,10 +310,10 @@ func (p *workerPool[T]) worker(task T) {
 // to the pool in turn.
 var (
 	flowWorkers *workerPool[*flow]
-	dialWorkers *workerPool[*dialOutcome]
+	dialWorkers *workerPool[*session]
 )
 
 func init() {
 	flowWorkers = newWorkerPool(64, (*flow).run)
-	dialWorkers = newWorkerPool(16, (*dialOutcome).dial)
+	dialWorkers = newWorkerPool(16, (*session).establish)
 }

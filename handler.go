@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"net"
-	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -34,20 +33,18 @@ func (h *Handler) Handle(down *layer4.Connection, _ layer4.Handler) error {
 
 	start := time.Now()
 	// One allocation holds the session and the dial's outcome.
-	s := &session{down: down, key: h.connKey(down), idleTimeout: time.Duration(h.IdleTimeout)}
-	d := &s.dial
-	h.connect(d, down, s.key)
-	if d.conn == nil {
+	s := &session{h: h, down: down, idleTimeout: time.Duration(h.IdleTimeout)}
+	s.connect()
+	if s.up == nil {
 		return nil
 	}
-	s.up, s.upstream = d.conn, d.upstream
-	defer d.upstream.release()
-	defer func() { _ = d.conn.Close() }()
+	defer s.upstream.release()
+	defer func() { _ = s.up.Close() }()
 
 	h.sessions.add(s)
 	s.run()
 	h.sessions.remove(s)
-	h.connectionEnded(s, d, start)
+	h.connectionEnded(s, start)
 	return nil
 }
 
@@ -87,26 +84,27 @@ func (h *Handler) leave() {
 	}
 }
 
-// connect dials the connection's upstream, failing over as needed, and
-// starts the upstream connection with the PROXY protocol header if one is
-// configured. It fills d, with conn nil if no upstream could be had, which
-// it has logged.
+// connect makes the connection's hash key, dials its upstream, failing
+// over as needed, and starts the upstream connection with the PROXY
+// protocol header if one is configured. It sets s.key, s.dial, and s.up
+// and s.upstream, which stay nil if no upstream could be had (logged).
 //
 // The dialling runs on a pooled worker: Go's dial path is deep, and run on
 // the connection's own goroutine it would leave that goroutine, which then
 // waits for the connection's lifetime, with a stack twice the size; a
 // fresh goroutine would grow (copy) its stack for every connection.
-func (h *Handler) connect(d *dialOutcome, down *layer4.Connection, key string) {
-	d.h, d.down, d.key = h, down, key
-	d.done.Add(1)
-	dialWorkers.submit(d)
-	d.done.Wait()
+func (s *session) connect() {
+	s.dialled.Add(1)
+	dialWorkers.submit(s)
+	s.dialled.Wait()
 }
 
-// dial fills d for connect, on a dialling worker.
-func (d *dialOutcome) dial() {
-	defer d.done.Done()
-	h, down, key := d.h, d.down, d.key
+// establish does connect's work, on a dialling worker.
+func (s *session) establish() {
+	defer s.dialled.Done()
+	h, down, d := s.h, s.down, &s.dial
+	key := h.hashKey.of(down)
+	s.key = key
 	h.dialUpstream(down, key, d)
 	if d.passedOver {
 		h.countFailovers(key, d)
@@ -121,25 +119,23 @@ func (d *dialOutcome) dial() {
 		return
 	}
 	if h.ppVersion > 0 {
-		header, err := proxyHeader(h.ppVersion, down)
-		if err == nil {
-			d.conn, err = sendProxyHeader(d.conn, header)
-		}
+		headed, err := sendProxyHeader(d.conn, h.ppVersion, down)
 		if err != nil {
 			h.failLog.log(h.logger, "connection closed", zap.String("upstream", d.upstream.dial), zap.Error(err))
 			_ = d.conn.Close()
 			d.upstream.release()
-			d.conn = nil
 			return
 		}
+		d.conn = headed
 	}
 	d.upstream.state.total.Add(1)
+	s.up, s.upstream = d.conn, d.upstream
 }
 
 // connectionEnded counts what the connection moved, once, as it ends, and
 // writes its debug line with the decision behind it.
-func (h *Handler) connectionEnded(s *session, d *dialOutcome, start time.Time) {
-	u := d.upstream
+func (h *Handler) connectionEnded(s *session, start time.Time) {
+	u, d := s.upstream, &s.dial
 	u.state.bytesTo.Add(uint64(s.toUpstream))
 	u.state.bytesFrom.Add(uint64(s.toClient))
 	if s.toClient == 0 && errors.Is(s.downErr, syscall.ECONNREFUSED) {
@@ -173,17 +169,8 @@ var (
 	noUpstream              atomic.Uint64 // no upstream answered
 )
 
-// connKey returns the string the connection is hashed by.
-func (h *Handler) connKey(down *layer4.Connection) string {
-	return h.hashKey.of(down)
-}
-
 // dialOutcome is the result of dialUpstream, with the decisions behind it.
 type dialOutcome struct {
-	h    *Handler
-	down *layer4.Connection
-	key  string
-
 	upstream *upstream // reserved: release it when the connection ends
 	index    int
 	conn     net.Conn
@@ -195,8 +182,6 @@ type dialOutcome struct {
 	unhealthy, full, failed bitset
 	small                   [3][2]uint64
 	passedOver              bool // any upstream was skipped or failed
-
-	done sync.WaitGroup // the dialling goroutine is through
 }
 
 // dialUpstream dials the upstream that key prefers among the healthy ones

@@ -180,20 +180,31 @@ func (hc *HealthChecks) passiveEnabled() bool {
 // the active checks (if this handler runs them) last found it up, and
 // fewer than max_fails dials to it failed within fail_duration.
 func (h *Handler) healthy(u *upstream) bool {
-	if h.HealthChecks.Active != nil && u.state.activeDown.Load() {
+	if h.activelyDown(u) {
 		return false
 	}
-	if h.passive {
-		if until := u.state.downUntil.Load(); until != 0 {
-			if time.Now().UnixNano() < until {
-				return false
-			}
-			if u.state.downUntil.CompareAndSwap(until, 0) {
-				h.logger.Info("upstream back: the failed dials are older than fail_duration", zap.String("upstream", u.dial))
-			}
+	// The clock is read only when failed dials took u down.
+	if until := u.state.downUntil.Load(); until != 0 && h.passive {
+		if h.passivelyDown(u, time.Now().UnixNano()) {
+			return false
+		}
+		if u.state.downUntil.CompareAndSwap(until, 0) {
+			h.logger.Info("upstream back: the failed dials are older than fail_duration", zap.String("upstream", u.dial))
 		}
 	}
 	return true
+}
+
+// activelyDown reports whether this handler runs active checks and they
+// last found u down.
+func (h *Handler) activelyDown(u *upstream) bool {
+	return h.HealthChecks.Active != nil && u.state.activeDown.Load()
+}
+
+// passivelyDown reports whether this handler counts failed dials and they
+// hold u down at now (unix nanoseconds).
+func (h *Handler) passivelyDown(u *upstream, now int64) bool {
+	return h.passive && now < u.state.downUntil.Load()
 }
 
 // countDialFailure records a failed dial for the passive checks: it counts

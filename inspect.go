@@ -147,9 +147,7 @@ func (h *Handler) failWindow() time.Duration {
 // downBy says what keeps u from this handler's new connections at now, as
 // Handler.healthy decides, but without clearing an expired failure.
 func (h *Handler) downBy(u *upstream, now time.Time) (active, passive bool) {
-	active = h.HealthChecks.Active != nil && u.state.activeDown.Load()
-	passive = h.passive && now.UnixNano() < u.state.downUntil.Load()
-	return active, passive
+	return h.activelyDown(u), h.passivelyDown(u, now.UnixNano())
 }
 
 // healthStatus returns u's health as this handler sees it at now.

@@ -58,12 +58,13 @@ func (s side) String() string {
 
 // session is one client connection piped to one upstream.
 type session struct {
+	h    *Handler
 	down *layer4.Connection
-	up   net.Conn
+	up   net.Conn // the upstream connection, set by dial
 
-	key        string    // what the client was hashed by
-	upstream   *upstream // where it went
-	prev, next *session  // in the handler's sessionList
+	key      string         // what the client was hashed by
+	upstream *upstream      // where it went
+	inList   links[session] // its place in the handler's sessionList
 
 	idleTimeout time.Duration
 	lastActive  atomic.Int64 // unix nanoseconds of the last byte moved, when idleTimeout > 0
@@ -73,6 +74,7 @@ type session struct {
 	cause   error // why the session was aborted; written once, before aborted is set
 
 	dial             dialOutcome    // how the upstream was chosen
+	dialled          sync.WaitGroup // the dialling worker is through
 	upward, downward flow           // client to upstream, upstream to client
 	flowsDone        sync.WaitGroup // both flows have ended
 
@@ -82,6 +84,8 @@ type session struct {
 	firstEOF             atomic.Uint32 // the side whose EOF came first
 	finished             atomic.Int32  // flows that ended at their source's EOF
 }
+
+func (s *session) links() *links[session] { return &s.inList }
 
 // errIdle is why a session ends when no byte moved for the idle timeout.
 var errIdle = errors.New("idle timeout")

@@ -41,10 +41,15 @@ func proxyHeader(version byte, down *layer4.Connection) ([]byte, error) {
 }
 
 // sendProxyHeader starts the upstream connection with the PROXY protocol
-// header. On a stream it is written once, before any byte of the client's;
-// a datagram flow carries it in front of every datagram, as the protocol
-// asks, so the returned connection adds it to each write.
-func sendProxyHeader(up net.Conn, header []byte) (net.Conn, error) {
+// header of the given version for the client down. On a stream it is
+// written once, before any byte of the client's; a datagram flow carries it
+// in front of every datagram, as the protocol asks, so the returned
+// connection adds it to each write.
+func sendProxyHeader(up net.Conn, version byte, down *layer4.Connection) (net.Conn, error) {
+	header, err := proxyHeader(version, down)
+	if err != nil {
+		return nil, err
+	}
 	if isStream(up) {
 		if _, err := up.Write(header); err != nil {
 			return nil, fmt.Errorf("sending the PROXY protocol header: %w", err)

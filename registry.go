@@ -53,33 +53,18 @@ func (r *handlerRegistry) list() []*Handler {
 // allocates nothing and takes one short lock.
 type sessionList struct {
 	mu   sync.Mutex
-	head *session
-	n    int
+	list intrusiveList[session, *session]
 }
 
 func (l *sessionList) add(s *session) {
 	l.mu.Lock()
-	s.next = l.head
-	if l.head != nil {
-		l.head.prev = s
-	}
-	l.head = s
-	l.n++
+	l.list.push(s)
 	l.mu.Unlock()
 }
 
 func (l *sessionList) remove(s *session) {
 	l.mu.Lock()
-	if s.prev != nil {
-		s.prev.next = s.next
-	} else {
-		l.head = s.next
-	}
-	if s.next != nil {
-		s.next.prev = s.prev
-	}
-	s.prev, s.next = nil, nil
-	l.n--
+	l.list.remove(s)
 	l.mu.Unlock()
 }
 
@@ -87,7 +72,7 @@ func (l *sessionList) remove(s *session) {
 func (l *sessionList) len() int {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	return l.n
+	return l.list.n
 }
 
 // liveSession is what the admin API learns of a flowing connection.
@@ -100,10 +85,10 @@ type liveSession struct {
 func (l *sessionList) snapshot() []liveSession {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	out := make([]liveSession, 0, l.n)
-	for s := l.head; s != nil; s = s.next {
+	out := make([]liveSession, 0, l.list.n)
+	l.list.each(func(s *session) {
 		out = append(out, liveSession{key: s.key, upstream: s.upstream.dial})
-	}
+	})
 	return out
 }
 

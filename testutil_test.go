@@ -53,7 +53,8 @@ type caddyConfig struct {
 
 	ServerIdleTimeout string // the layer4 server's idle_timeout, for UDP flows
 
-	Logs map[string]any // more logs beside the default one
+	Logs     map[string]any // more logs beside the default one
+	LogLevel string         // the default log's level; DEBUG if empty
 }
 
 // testLogWriter is where Caddy's logs go in tests: nowhere, unless
@@ -102,7 +103,11 @@ func upstreamsJSON(addrs ...string) []map[string]any {
 }
 
 func (c caddyConfig) logs() map[string]any {
-	logs := map[string]any{"default": map[string]any{"writer": testLogWriter(), "level": "DEBUG"}}
+	level := c.LogLevel
+	if level == "" {
+		level = "DEBUG"
+	}
+	logs := map[string]any{"default": map[string]any{"writer": testLogWriter(), "level": level}}
 	maps.Copy(logs, c.Logs)
 	return logs
 }
@@ -169,7 +174,7 @@ func freeUDPAddr(t testing.TB) string {
 // /load running).
 func stopCaddy(t testing.TB) {
 	t.Helper()
-	if err := caddy.Load([]byte(`{"admin":{"disabled":true}}`), true); err != nil {
+	if err := caddy.Load([]byte(`{"admin":{"disabled":true,"config":{"persist":false}}}`), true); err != nil {
 		t.Errorf("stopping Caddy: %v", err)
 	}
 	if err := caddy.Stop(); err != nil {

@@ -201,27 +201,23 @@ func tableHeader(b *strings.Builder, titles []string) {
 
 // figuresTable is the table of medians, PEERS.md's layout.
 func figuresTable(results []*peerResult) string {
-	var b strings.Builder
-	titles := make([]string, len(columns))
-	for i, c := range columns {
-		titles[i] = c.title
-	}
-	tableHeader(&b, titles)
-	for _, pr := range results {
-		if pr.Skipped != "" {
-			continue
-		}
-		cells := make([]string, len(columns))
-		for i, c := range columns {
-			cells[i] = cell(pr, c, func(st stat) string { return c.fmt(st.Median) })
-		}
-		fmt.Fprintf(&b, "| %s | %s |\n", pr.Label, strings.Join(cells, " | "))
-	}
-	return b.String()
+	return columnsTable(results, func(c column, st stat) string { return c.fmt(st.Median) })
 }
 
 // spreadTable shows each figure's min–max over the repeats.
 func spreadTable(results []*peerResult) string {
+	return columnsTable(results, func(c column, st stat) string {
+		f := c.fmt
+		if c.title == "RSS per idle conn" {
+			f = fmtInt
+		}
+		return f(st.Min) + "–" + f(st.Max)
+	})
+}
+
+// columnsTable is a table of columns with a row for each peer that ran,
+// each figure written by show.
+func columnsTable(results []*peerResult, show func(column, stat) string) string {
 	var b strings.Builder
 	titles := make([]string, len(columns))
 	for i, c := range columns {
@@ -234,11 +230,7 @@ func spreadTable(results []*peerResult) string {
 		}
 		cells := make([]string, len(columns))
 		for i, c := range columns {
-			f := c.fmt
-			if c.title == "RSS per idle conn" {
-				f = fmtInt
-			}
-			cells[i] = cell(pr, c, func(st stat) string { return f(st.Min) + "–" + f(st.Max) })
+			cells[i] = cell(pr, c, func(st stat) string { return show(c, st) })
 		}
 		fmt.Fprintf(&b, "| %s | %s |\n", pr.Label, strings.Join(cells, " | "))
 	}
