@@ -11,13 +11,14 @@ import (
 	"time"
 )
 
-// Benchmarks of the copy loop and of the whole path through Caddy. They
-// measure; they assert nothing about time. The load benchmark in bench/
-// compares godist with other proxies in processes of their own; these are
-// for profiling and for comparing two versions of this package:
+// Benchmarks of the whole path through Caddy (the engine's own copy loop
+// is benchmarked in internal/pipe). They measure; they assert nothing
+// about time. The load benchmark in bench/ compares godist with other
+// proxies in processes of their own; these are for profiling and for
+// comparing two versions of this package:
 //
 //	go test -run XXX -bench . -benchmem
-//	go test -run XXX -bench CopyStream -cpuprofile cpu.out
+//	go test -run XXX -bench CaddyBulk -cpuprofile cpu.out
 
 // benchChunk is what one benchmark iteration moves: 1 MiB, written 256 KiB
 // at a time as the load benchmark does.
@@ -25,47 +26,6 @@ const (
 	benchChunk = 1 << 20
 	benchWrite = 256 << 10
 )
-
-// tcpPair returns the two ends of a loopback TCP connection.
-func tcpPair(b *testing.B) (client, server *net.TCPConn) {
-	b.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer ln.Close()
-	accepted := make(chan net.Conn, 1)
-	go func() {
-		c, err := ln.Accept()
-		if err != nil {
-			close(accepted)
-			return
-		}
-		accepted <- c
-	}()
-	c, err := net.DialTimeout("tcp", ln.Addr().String(), testTimeout)
-	if err != nil {
-		b.Fatal(err)
-	}
-	var s net.Conn
-	select {
-	case s = <-accepted:
-	case <-time.After(testTimeout):
-	}
-	if s == nil {
-		b.Fatal("accepting a loopback connection failed")
-	}
-	b.Cleanup(func() {
-		c.Close()
-		s.Close()
-	})
-	return c.(*net.TCPConn), s.(*net.TCPConn)
-}
-
-// wrappedConn hides the socket under it, as an unknown wrapper (a TLS or
-// metrics wrapper, say) does: copyStream must go through conn.Read or
-// conn.Write.
-type wrappedConn struct{ net.Conn }
 
 // writeChunks writes n chunks of benchChunk bytes to c, then half-closes.
 func writeChunks(c *net.TCPConn, n int, errc chan<- error) {
@@ -90,79 +50,6 @@ func discardAll(c net.Conn, counts chan<- int64) {
 		if err != nil {
 			counts <- total
 			return
-		}
-	}
-}
-
-// BenchmarkCopyStream moves bulk bytes from one loopback connection to
-// another as a flow does, in each of its three ways: socket to socket
-// (which turns to splice once reads fill the small buffer), a buffer taken
-// once the socket is readable when only the destination is wrapped, and a
-// held buffer when the source is wrapped.
-func BenchmarkCopyStream(b *testing.B) {
-	for _, bc := range []struct {
-		name             string
-		wrapSrc, wrapDst bool
-	}{
-		{name: "splice"},
-		{name: "readable", wrapDst: true},
-		{name: "buffered", wrapSrc: true},
-	} {
-		b.Run(bc.name, func(b *testing.B) {
-			writer, srcConn := tcpPair(b)
-			dstConn, reader := tcpPair(b)
-			var src, dst net.Conn = srcConn, dstConn
-			if bc.wrapSrc {
-				src = wrappedConn{srcConn}
-			}
-			if bc.wrapDst {
-				dst = wrappedConn{dstConn}
-			}
-			for _, c := range []*net.TCPConn{writer, srcConn, dstConn, reader} {
-				_ = c.SetDeadline(time.Now().Add(testTimeout))
-			}
-			errc := make(chan error, 1)
-			counts := make(chan int64, 1)
-			b.SetBytes(benchChunk)
-			b.ReportAllocs()
-			b.ResetTimer()
-
-			go writeChunks(writer, b.N, errc)
-			go discardAll(reader, counts)
-			s := &session{}
-			n, err := copyAll(s.writeEndpoint(dst, rawConn(innermost(dst))), s.readEndpoint(src, rawConn(innermost(src))), s)
-			if err != nil {
-				b.Fatalf("copyStream: %v", err)
-			}
-			_ = dstConn.CloseWrite()
-			got := <-counts
-			b.StopTimer()
-			if werr := <-errc; werr != nil {
-				b.Fatalf("writer: %v", werr)
-			}
-			if want := int64(b.N) * benchChunk; n != want || got != want {
-				b.Fatalf("copied %d bytes, reader got %d, want %d", n, got, want)
-			}
-		})
-	}
-}
-
-// copyAll copies as a flow does, without the session around it: from a
-// socket by socketCopy (buffer, then splice for bulk), from anything else
-// by copyStream.
-func copyAll(dst, src endpoint, s *session) (int64, error) {
-	if src.raw == nil {
-		return copyStream(dst, src, s)
-	}
-	var c socketCopy
-	c.init(dst, src.raw)
-	defer c.release()
-	var total int64
-	for {
-		n, err := c.next()
-		total += int64(n)
-		if err != nil || n == 0 {
-			return total, s.wrapCopyErr(err)
 		}
 	}
 }

@@ -20,6 +20,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/bcca9c24/caddy-godist/internal/pipe"
 )
 
 // These tests inject faults into a real Caddy with real loopback backends
@@ -43,11 +45,11 @@ func openFDs(t testing.TB) int {
 // last.
 func checkNoLeaks(t *testing.T) {
 	t.Helper()
-	pipes.drain()
+	pipe.DrainPipes()
 	goroutines, fds := ownGoroutines(), ownFDs(t)
 	t.Cleanup(func() {
 		eventually(t, 10*time.Second, "goroutines and descriptors back to their baseline", func() error {
-			pipes.drain() // pipes kept for reuse are not leaks
+			pipe.DrainPipes() // pipes kept for reuse are not leaks
 			g, f := ownGoroutines(), ownFDs(t)
 			if g > goroutines || f > fds {
 				return fmt.Errorf("%d goroutines (baseline %d), %d descriptors (baseline %d), leaving out pooled workers and the reactor\n%s\n%s",
@@ -58,12 +60,14 @@ func checkNoLeaks(t *testing.T) {
 	})
 }
 
-// ownGoroutines counts the goroutines, leaving out what is kept on purpose
-// for the life of the process: idle pooled workers (bounded) and the
+// ownGoroutines counts the goroutines, leaving out the engine's shared
+// ones, which end by themselves a few seconds after they are last needed
+// (TestGoroutinesBackToBaseline checks that): idle pooled workers and the
 // reactor's loop.
 func ownGoroutines() int {
-	n := runtime.NumGoroutine() - int(flowWorkers.idle.Load()) - int(dialWorkers.idle.Load())
-	if theReactor.running() {
+	st := pipe.ReadStats()
+	n := runtime.NumGoroutine() - st.IdleWorkers - dialWorkers.Idle()
+	if st.ReactorRunning {
 		n--
 	}
 	return n
@@ -72,7 +76,7 @@ func ownGoroutines() int {
 // ownFDs counts the open descriptors, leaving out the reactor's.
 func ownFDs(t testing.TB) int {
 	n := openFDs(t)
-	if theReactor.running() {
+	if pipe.ReadStats().ReactorRunning {
 		n--
 	}
 	return n
@@ -291,7 +295,7 @@ func TestFaultClientNeverReads(t *testing.T) {
 	// What may sit in between is the kernel's: the proxy's receive buffer
 	// on the upstream side, two send buffers, the client's small receive
 	// buffer, and one pipe; nothing piles up in user space.
-	bound := sysctlMax(t, "net/ipv4/tcp_rmem") + 2*sysctlMax(t, "net/ipv4/tcp_wmem") + pipeSize + 1<<20
+	bound := sysctlMax(t, "net/ipv4/tcp_rmem") + 2*sysctlMax(t, "net/ipv4/tcp_wmem") + pipe.MaxPipeBytes + 1<<20
 	if stalled > bound {
 		t.Errorf("the upstream could send %d MB to a client that reads nothing, more than the kernel's buffers (%d MB) hold",
 			stalled>>20, bound>>20)
@@ -350,7 +354,7 @@ func TestFaultDescriptorsRunOut(t *testing.T) {
 		if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &saved); err != nil {
 			t.Fatalf("restoring the descriptor limit: %v", err)
 		}
-		fdBudget.refreshedAt.Store(0)
+		pipe.Descriptors.Refresh()
 	}
 	t.Cleanup(restore)
 
@@ -361,12 +365,12 @@ func TestFaultDescriptorsRunOut(t *testing.T) {
 		if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &lowered); err != nil {
 			t.Fatal(err)
 		}
-		fdBudget.refreshedAt.Store(0) // read the new limit now, not in a second
+		pipe.Descriptors.Refresh() // read the new limit now, not in a second
 	}
 
 	// Not one descriptor to spare: an open connection keeps flowing,
 	// though splice cannot get a pipe.
-	pipes.drain()
+	pipe.DrainPipes()
 	inUse := openFDs(t) - 1 // the listing counts its own descriptor
 	setLimit(inUse)
 	payload := randomBytes(5, 1<<20)

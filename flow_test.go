@@ -13,13 +13,13 @@ import (
 	"net"
 	"testing"
 	"time"
+
+	"github.com/bcca9c24/caddy-godist/internal/pipe"
 )
 
 // parkedFlows counts the flows whose sockets the reactor holds now.
 func parkedFlows() int {
-	theReactor.mu.Lock()
-	defer theReactor.mu.Unlock()
-	return len(theReactor.flows)
+	return pipe.ReadStats().Parked
 }
 
 // TestIdleFlowsPark checks that the flows of idle connections park in the

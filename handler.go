@@ -14,6 +14,8 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/mholt/caddy-l4/layer4"
+
+	"github.com/bcca9c24/caddy-godist/internal/pipe"
 )
 
 // Handle picks an upstream for the connection by its hash key, dials it,
@@ -32,8 +34,8 @@ func (h *Handler) Handle(down *layer4.Connection, _ layer4.Handler) error {
 	defer h.leave()
 
 	start := time.Now()
-	// One allocation holds the session and the dial's outcome.
-	s := &session{h: h, down: down, idleTimeout: time.Duration(h.IdleTimeout)}
+	// One allocation holds the session, the dial's outcome and the pipe.
+	s := &session{h: h, down: down}
 	s.connect()
 	if s.up == nil {
 		return nil
@@ -62,7 +64,7 @@ func (h *Handler) admit(down *layer4.Connection) bool {
 			return false
 		}
 	}
-	if !fdBudget.acquire() {
+	if !pipe.Descriptors.Acquire(descriptorsPerConn) {
 		if h.MaxConnections > 0 {
 			h.active.Add(-1)
 		}
@@ -70,7 +72,7 @@ func (h *Handler) admit(down *layer4.Connection) bool {
 		rejectedOverDescriptors.Add(1)
 		h.failLog.log(h.logger, "connection closed: godist's connections hold all the file descriptors the process can spare",
 			zap.String("client", down.RemoteAddr().String()),
-			zap.Int64("descriptor_budget", fdBudget.currentLimit()))
+			zap.Int64("descriptor_budget", pipe.Descriptors.Limit()))
 		return false
 	}
 	return true
@@ -78,7 +80,7 @@ func (h *Handler) admit(down *layer4.Connection) bool {
 
 // leave counts a connection that admit let in out again.
 func (h *Handler) leave() {
-	fdBudget.release()
+	pipe.Descriptors.Release(descriptorsPerConn)
 	if h.MaxConnections > 0 {
 		h.active.Add(-1)
 	}
@@ -95,7 +97,7 @@ func (h *Handler) leave() {
 // fresh goroutine would grow (copy) its stack for every connection.
 func (s *session) connect() {
 	s.dialled.Add(1)
-	dialWorkers.submit(s)
+	dialWorkers.Submit(s)
 	s.dialled.Wait()
 }
 
@@ -128,8 +130,16 @@ func (s *session) establish() {
 		}
 		d.conn = headed
 	}
-	d.upstream.state.total.Add(1)
 	s.up, s.upstream = d.conn, d.upstream
+	if err := s.forwardPrefetched(); err != nil {
+		h.failLog.log(h.logger, "connection closed: sending the client's first bytes",
+			zap.String("upstream", d.upstream.dial), zap.String("client", down.RemoteAddr().String()), zap.Error(err))
+		_ = d.conn.Close()
+		d.upstream.release()
+		s.up, s.upstream = nil, nil
+		return
+	}
+	d.upstream.state.total.Add(1)
 }
 
 // connectionEnded counts what the connection moved, once, as it ends, and
@@ -156,9 +166,22 @@ func (h *Handler) connectionEnded(s *session, start time.Time) {
 			zap.Int64("bytes_to_client", s.toClient),
 			zap.Duration("duration", time.Since(start)),
 			zap.Stringer("first_eof", side(s.firstEOF.Load())),
-			zap.NamedError("abort", s.cause),
+			zap.NamedError("abort", s.pipe.Cause()),
 		)
 	}
+}
+
+// descriptorsPerConn is what one piped connection holds: its client
+// socket and its upstream socket.
+const descriptorsPerConn = 2
+
+// isLocalResourceError reports whether err means this process or machine
+// ran short of something (descriptors, buffers, ports), which says nothing
+// about the health of the upstream being dialled.
+func isLocalResourceError(err error) bool {
+	return errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE) ||
+		errors.Is(err, syscall.ENOBUFS) || errors.Is(err, syscall.ENOMEM) ||
+		errors.Is(err, syscall.EADDRNOTAVAIL)
 }
 
 // Process-wide counts of connections that godist closed unpiped, for the

@@ -21,6 +21,8 @@ import (
 	// built with only this module can route to it.
 	_ "github.com/mholt/caddy-l4"
 	"github.com/mholt/caddy-l4/layer4"
+
+	"github.com/bcca9c24/caddy-godist/internal/pipe"
 )
 
 func init() {
@@ -111,7 +113,8 @@ type Handler struct {
 	passive   bool // whether failed dials count against upstreams
 	ppVersion byte // PROXY protocol version to send, 0 for none
 
-	fingerprint string // digest of everything that decides a pick
+	engine      *pipe.Lease // holds the engine while this handler may pipe
+	fingerprint string      // digest of everything that decides a pick
 	cleanedUp   atomic.Bool
 	sessions    sessionList // connections flowing through this handler now
 
@@ -212,6 +215,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		zap.String("fingerprint", h.fingerprint),
 		zap.String("hash_key", h.hashKey.kind.String()),
 		zap.Int("upstreams", len(h.pool)))
+	h.engine = pipe.Acquire(h.logger)
 	liveHandlers.add(h)
 	h.startActiveChecks()
 	return nil
@@ -260,6 +264,11 @@ func (h *Handler) Cleanup() error {
 		return nil
 	}
 	liveHandlers.remove(h)
+	if h.engine != nil {
+		// Connections still flowing keep the engine's parts they use; the
+		// reactor stops once none is parked and no handler holds it.
+		h.engine.Release()
+	}
 	// The pool itself stays: a connection accepted by the old config's
 	// listener just before it closed is still handled by this handler.
 	for _, u := range h.pool {

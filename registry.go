@@ -10,6 +10,8 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+
+	"github.com/bcca9c24/caddy-godist/internal/ilist"
 )
 
 // This file keeps track of what is running, for the admin API and the
@@ -53,18 +55,18 @@ func (r *handlerRegistry) list() []*Handler {
 // allocates nothing and takes one short lock.
 type sessionList struct {
 	mu   sync.Mutex
-	list intrusiveList[session, *session]
+	list ilist.List[session, *session]
 }
 
 func (l *sessionList) add(s *session) {
 	l.mu.Lock()
-	l.list.push(s)
+	l.list.Push(s)
 	l.mu.Unlock()
 }
 
 func (l *sessionList) remove(s *session) {
 	l.mu.Lock()
-	l.list.remove(s)
+	l.list.Remove(s)
 	l.mu.Unlock()
 }
 
@@ -72,7 +74,7 @@ func (l *sessionList) remove(s *session) {
 func (l *sessionList) len() int {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	return l.list.n
+	return l.list.Len()
 }
 
 // liveSession is what the admin API learns of a flowing connection.
@@ -85,8 +87,8 @@ type liveSession struct {
 func (l *sessionList) snapshot() []liveSession {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	out := make([]liveSession, 0, l.list.n)
-	l.list.each(func(s *session) {
+	out := make([]liveSession, 0, l.list.Len())
+	l.list.Each(func(s *session) {
 		out = append(out, liveSession{key: s.key, upstream: s.upstream.dial})
 	})
 	return out

@@ -3,7 +3,7 @@
 
 //go:build unix
 
-package godist
+package pipe
 
 import "syscall"
 

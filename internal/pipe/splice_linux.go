@@ -3,11 +3,12 @@
 
 //go:build linux
 
-package godist
+package pipe
 
 import (
 	"sync"
 	"syscall"
+	"time"
 )
 
 // Zero-copy piping on Linux: bytes move socket -> kernel pipe -> socket by
@@ -29,25 +30,43 @@ const (
 	// kernel only commits pages for bytes actually in flight.
 	pipeSize = 1 << 20
 
-	// maxIdlePipes bounds the pool of pipes kept for reuse. Only
-	// connections in the middle of moving bytes hold one, so a few serve
+	// maxIdlePipes bounds the pool of empty pipes kept for reuse. Only
+	// connections in the middle of moving bulk hold one, so a few serve
 	// many connections; more would hold descriptors for nothing.
-	maxIdlePipes = 32
+	maxIdlePipes = 16
+
+	// pipeIdleTrim is how long the pool may go without handing out a pipe
+	// before it closes the ones it keeps: after a burst of bulk traffic the
+	// process goes back to holding no pipe at all.
+	pipeIdleTrim = time.Second
 )
 
+// kernelPipe is a pipe's two descriptors. Each pipe holds two descriptors
+// of the budget (budget.go) from pipe2 to close.
 type kernelPipe struct {
 	r, w int // read and write ends
 }
 
+// pipePool keeps empty pipes for reuse. Rules: a pipe in the pool is
+// empty; a pipe with bytes no one will read is closed, never pooled; the
+// pool trims itself (closes what it keeps) once it has handed out nothing
+// for pipeIdleTrim, with a timer that runs only while it keeps pipes.
 type pipePool struct {
-	mu   sync.Mutex
-	free []*kernelPipe
+	mu       sync.Mutex
+	free     []*kernelPipe
+	gets     uint64      // pipes handed out, ever
+	trimGets uint64      // gets at the last trim check
+	trimmer  *time.Timer // runs while free is not empty
 }
 
 var pipes pipePool
 
+// get returns an empty pipe, from the pool or new. A new pipe needs two
+// descriptors from the budget; without them it fails, and the copy goes
+// on through a buffer.
 func (pp *pipePool) get() (*kernelPipe, error) {
 	pp.mu.Lock()
+	pp.gets++
 	if n := len(pp.free); n > 0 {
 		p := pp.free[n-1]
 		pp.free = pp.free[:n-1]
@@ -56,10 +75,15 @@ func (pp *pipePool) get() (*kernelPipe, error) {
 	}
 	pp.mu.Unlock()
 
+	if !Descriptors.Acquire(2) {
+		return nil, errNoDescriptors
+	}
 	var fds [2]int
 	if err := syscall.Pipe2(fds[:], syscall.O_CLOEXEC|syscall.O_NONBLOCK); err != nil {
+		Descriptors.Release(2)
 		return nil, err
 	}
+	openPipes.Add(1)
 	// Best effort: a smaller pipe (the limit in /proc/sys/fs/pipe-max-size,
 	// or a user over pipe-user-pages-soft) only means more system calls.
 	_, _, errno := syscall.Syscall(syscall.SYS_FCNTL, uintptr(fds[0]), syscall.F_SETPIPE_SZ, pipeSize)
@@ -72,6 +96,10 @@ func (pp *pipePool) put(p *kernelPipe) {
 	pp.mu.Lock()
 	if len(pp.free) < maxIdlePipes {
 		pp.free = append(pp.free, p)
+		if pp.trimmer == nil {
+			pp.trimGets = pp.gets
+			pp.trimmer = time.AfterFunc(pipeIdleTrim, pp.trim)
+		}
 		pp.mu.Unlock()
 		return
 	}
@@ -79,9 +107,43 @@ func (pp *pipePool) put(p *kernelPipe) {
 	p.close()
 }
 
+// trim closes the pooled pipes if none was handed out since it last ran,
+// and runs again later if it kept them.
+func (pp *pipePool) trim() {
+	pp.mu.Lock()
+	var closing []*kernelPipe
+	if pp.gets == pp.trimGets {
+		closing, pp.free = pp.free, nil
+	}
+	pp.trimGets = pp.gets
+	if len(pp.free) > 0 {
+		pp.trimmer.Reset(pipeIdleTrim)
+	} else {
+		pp.trimmer = nil
+	}
+	pp.mu.Unlock()
+	for _, p := range closing {
+		p.close()
+	}
+}
+
+// drain closes the pooled pipes at once.
+func (pp *pipePool) drain() {
+	pp.mu.Lock()
+	free := pp.free
+	pp.free = nil
+	pp.mu.Unlock()
+	for _, p := range free {
+		p.close()
+	}
+}
+
+// close closes both ends and gives their descriptors back to the budget.
 func (p *kernelPipe) close() {
 	_ = syscall.Close(p.r)
 	_ = syscall.Close(p.w)
+	openPipes.Add(-1)
+	Descriptors.Release(2)
 }
 
 // spliceNonblock moves up to n bytes from in to out without blocking,
@@ -121,7 +183,7 @@ func (c *socketCopy) spliceChunk() (int, error) {
 	c.inPipe = n
 	for c.inPipe > 0 {
 		c.n, c.err = 0, nil
-		err := c.dst.raw.Write(c.on(opWriteFromPipe))
+		err := c.dstRaw.Write(c.on(opWriteFromPipe))
 		if err == nil {
 			err = c.err
 		}
@@ -144,6 +206,7 @@ func (c *socketCopy) pipeRead(fd uintptr) bool {
 	if c.pipe == nil {
 		p, err := pipes.get()
 		if err != nil {
+			// No descriptor to spare, or none at all: nothing was read.
 			c.err = errSpliceUnavailable
 			return true
 		}
@@ -169,13 +232,6 @@ func (c *socketCopy) pipeWrite(fd uintptr) bool {
 	return c.err != syscall.EAGAIN
 }
 
-// drain closes the pipes kept for reuse, giving their descriptors back.
-func (pp *pipePool) drain() {
-	pp.mu.Lock()
-	free := pp.free
-	pp.free = nil
-	pp.mu.Unlock()
-	for _, p := range free {
-		p.close()
-	}
-}
+// MaxPipeBytes is the most a flow holds in a kernel pipe for a receiver
+// that does not read.
+const MaxPipeBytes = pipeSize

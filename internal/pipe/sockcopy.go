@@ -1,10 +1,11 @@
 // Copyright 2026 The caddy-godist Authors
 // SPDX-License-Identifier: Apache-2.0
 
-package godist
+package pipe
 
 import (
 	"errors"
+	"net"
 	"sync"
 	"syscall"
 )
@@ -19,7 +20,9 @@ import (
 //
 // Either way nothing is held while the socket is idle: the buffer or the
 // pipe is taken inside the readiness callback, once the socket has bytes,
-// and given back as soon as a read finds it empty.
+// and given back as soon as a read finds it empty. A pipe stays taken only
+// while bytes sit in it waiting for a slow receiver, and while the traffic
+// stays bulk; a flow that parks gives everything back first (release).
 
 // errSpliceUnavailable means no pipe could be made, or the sockets do not
 // support splice; nothing was lost, and copying goes on through a buffer.
@@ -37,10 +40,11 @@ var smallBuffers = sync.Pool{New: func() any {
 // socketCopy copies one direction from a socket. Its one readiness
 // callback dispatches on op; it is made when the copy starts moving bytes
 // and dropped when its flow parks, so that reading allocates nothing and a
-// parked flow holds no closure.
+// parked flow holds no closure. Only its flow's owner uses it.
 type socketCopy struct {
-	dst endpoint
-	src syscall.RawConn
+	dst    net.Conn        // written to in the buffer mode
+	dstRaw syscall.RawConn // spliced to in the bulk mode; nil if dst is not a plain socket
+	src    syscall.RawConn
 
 	spliceOK bool // the destination is a socket too, and splice works
 	splicing bool // the traffic is bulk now
@@ -63,6 +67,7 @@ const (
 	opReadIntoBuffer copyOp = iota
 	opReadIntoPipe
 	opWriteFromPipe
+	opReadDatagram
 )
 
 // ready is the readiness callback: it runs op on the socket fd.
@@ -74,6 +79,8 @@ func (c *socketCopy) ready(fd uintptr) bool {
 		return c.pipeRead(fd)
 	case opWriteFromPipe:
 		return c.pipeWrite(fd)
+	case opReadDatagram:
+		return c.datagramRead(fd)
 	}
 	return true // no such op: let the caller see nothing read
 }
@@ -87,9 +94,10 @@ func (c *socketCopy) on(op copyOp) func(fd uintptr) bool {
 	return c.callback
 }
 
-// init prepares copying from the socket src to dst.
-func (c *socketCopy) init(dst endpoint, src syscall.RawConn) {
-	*c = socketCopy{dst: dst, src: src, spliceOK: spliceSupported && dst.raw != nil}
+// init prepares copying from the socket src to dst, whose socket is
+// dstRaw if it is a plain stream socket (nil otherwise).
+func (c *socketCopy) init(dst net.Conn, dstRaw, src syscall.RawConn) {
+	*c = socketCopy{dst: dst, dstRaw: dstRaw, src: src, spliceOK: spliceSupported && dstRaw != nil}
 }
 
 // next waits until the socket is readable and moves what it has: a
@@ -106,8 +114,12 @@ func (c *socketCopy) next() (int, error) {
 		}
 		// No pipe could be had (descriptors ran out, say), or the sockets
 		// refuse splice; nothing was lost: go on through the buffer, which
-		// needs no descriptor.
+		// needs no descriptor, for the rest of this flow's life.
 		c.splicing, c.spliceOK = false, false
+		if c.pipe != nil {
+			pipes.put(c.pipe) // empty: the failed splice moved nothing
+			c.pipe = nil
+		}
 	}
 }
 
@@ -124,7 +136,7 @@ func (c *socketCopy) bufferChunk() (int, error) {
 		return 0, err
 	}
 	full := n == len(*c.buf)
-	_, err = c.dst.conn.Write((*c.buf)[:n])
+	_, err = c.dst.Write((*c.buf)[:n])
 	smallBuffers.Put(c.buf)
 	c.buf = nil
 	if err != nil {
@@ -152,7 +164,11 @@ func (c *socketCopy) bufferRead(fd uintptr) bool {
 // flow parks (then the pipe is empty, and nothing is lost).
 func (c *socketCopy) release() {
 	if c.buf != nil {
-		smallBuffers.Put(c.buf)
+		if len(*c.buf) == smallBufferSize {
+			smallBuffers.Put(c.buf)
+		} else {
+			datagramBuffers.Put(c.buf)
+		}
 		c.buf = nil
 	}
 	if c.pipe != nil {

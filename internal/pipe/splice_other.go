@@ -3,7 +3,7 @@
 
 //go:build !linux
 
-package godist
+package pipe
 
 // Elsewhere than Linux there is no splice(2): bytes always go through the
 // small-message buffer, taken once the socket is readable.
@@ -23,3 +23,6 @@ func (pipePool) drain()          {}
 func (c *socketCopy) spliceChunk() (int, error) { return 0, errSpliceUnavailable }
 func (c *socketCopy) pipeRead(uintptr) bool     { return true }
 func (c *socketCopy) pipeWrite(uintptr) bool    { return true }
+
+// MaxPipeBytes is the most a flow holds in a kernel pipe: none here.
+const MaxPipeBytes = 0
