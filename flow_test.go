@@ -8,9 +8,11 @@ package godist
 import (
 	"bytes"
 	"crypto/sha256"
+	"crypto/tls"
 	"fmt"
 	"io"
 	"net"
+	"net/http/httptest"
 	"testing"
 	"time"
 
@@ -125,4 +127,106 @@ func TestIdleFlowsPark(t *testing.T) {
 			return nil
 		})
 	})
+}
+
+// startTLSEchoBackend serves TLS on a loopback port with a throwaway
+// certificate and echoes what it decrypts until the client's EOF.
+func startTLSEchoBackend(t *testing.T) string {
+	t.Helper()
+	certSrc := httptest.NewUnstartedServer(nil)
+	certSrc.StartTLS()
+	cert := certSrc.TLS.Certificates[0]
+	certSrc.Close()
+	ln, err := tls.Listen("tcp", "127.0.0.1:0", &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				_, _ = io.Copy(c, c)
+			}()
+		}
+	}()
+	return ln.Addr().String()
+}
+
+// TestMatcherRoutesGetTheFastPath is defect 5 of the engine issue: a
+// connection routed by a matcher kept a buffered goroutine-per-direction
+// copy for life, because the engine chose how to read the client before
+// the bytes the matchers prefetched were forwarded. Now they are forwarded
+// first and the client's socket is read directly: a TLS passthrough
+// connection chosen by SNI, and one chosen by the ssh matcher, park when
+// idle and splice bulk, with every byte intact.
+func TestMatcherRoutesGetTheFastPath(t *testing.T) {
+	checkNoLeaks(t)
+	tlsBackend := startTLSEchoBackend(t)
+	echoBe := startBackend(t, "echo", "", echo)
+	sniRoute := godistRoute(map[string]any{"upstreams": upstreamsJSON(tlsBackend)})
+	sniRoute["match"] = []any{map[string]any{"tls": map[string]any{"sni": []string{"fast.example"}}}}
+	sshRoute := godistRoute(map[string]any{"upstreams": upstreamsJSON(echoBe.addr)})
+	sshRoute["match"] = []any{map[string]any{"ssh": map[string]any{}}}
+	c := startCaddyRoutes(t, "tcp", []map[string]any{sniRoute, sshRoute})
+
+	const n = 5
+	tlsConns := make([]*tls.Conn, n)
+	for i := range tlsConns {
+		tc := tls.Client(c.dial(t), &tls.Config{ServerName: "fast.example", InsecureSkipVerify: true}) //nolint:gosec // a throwaway test certificate
+		_ = tc.SetDeadline(time.Now().Add(20 * time.Second))
+		if got, err := exchange(tc, []byte("hello")); err != nil || string(got) != "hello" {
+			t.Fatalf("TLS connection %d: %q, %v", i, got, err)
+		}
+		tlsConns[i] = tc
+	}
+	sshConns := make([]*net.TCPConn, n)
+	for i := range sshConns {
+		conn := c.dial(t)
+		banner := []byte("SSH-2.0-OpenSSH_9.6 godist-test\r\n")
+		if got, err := exchange(conn, banner); err != nil || !bytes.Equal(got, banner) {
+			t.Fatalf("ssh connection %d: %q, %v", i, got, err)
+		}
+		sshConns[i] = conn
+	}
+	eventually(t, 5*time.Second, "the matched connections' flows parked", func() error {
+		if p := parkedFlows(); p != 4*n {
+			return fmt.Errorf("%d flows parked, want %d", p, 4*n)
+		}
+		return nil
+	})
+
+	// Bulk through a parked, matched connection wakes it, and splices.
+	splicesBefore := pipe.ReadStats().SpliceRuns
+	for i, tc := range tlsConns {
+		payload := randomBytes(uint64(i), 2<<20)
+		errc := make(chan error, 1)
+		go func() { _, err := tc.Write(payload); errc <- err }()
+		got := make([]byte, len(payload))
+		if _, err := io.ReadFull(tc, got); err != nil || sha256.Sum256(got) != sha256.Sum256(payload) {
+			t.Fatalf("TLS connection %d: 2 MiB through a matched route: %v", i, err)
+		}
+		if err := <-errc; err != nil {
+			t.Fatal(err)
+		}
+	}
+	if runs := pipe.ReadStats().SpliceRuns - splicesBefore; runs == 0 {
+		t.Errorf("no flow spliced while 2 MiB went each way through %d TLS connections routed by SNI", n)
+	}
+	for i, conn := range sshConns {
+		payload := randomBytes(uint64(100+i), 1<<20)
+		if got, err := exchange(conn, payload); err != nil || !bytes.Equal(got, payload) {
+			t.Fatalf("ssh connection %d: 1 MiB: %v", i, err)
+		}
+	}
+	for _, tc := range tlsConns {
+		tc.Close()
+	}
+	for _, conn := range sshConns {
+		conn.Close()
+	}
 }

@@ -8,6 +8,7 @@ import (
 	"bytes"
 	"fmt"
 	"net"
+	"runtime"
 	"sync"
 	"testing"
 	"time"
@@ -196,5 +197,60 @@ func TestUDPFailover(t *testing.T) {
 	}
 	if n := stateOf(t, dead).dialFailures.Load(); n == 0 {
 		t.Fatal("the bounced datagram was not counted against the dead upstream")
+	}
+}
+
+// TestUDPFlowMemory is part 3 of the robustness issue: a live UDP flow
+// held 139 KB of heap, two 64 KiB datagram buffers that each direction
+// kept while it waited. Now a flow takes a buffer only while a datagram is
+// in hand: caddy-l4's per-client connection is waited on without one
+// (packetWaiter), and the upstream socket is read by descriptor once
+// readable. The bound below is a regression guard far above what a flow
+// holds now and far below one idle 64 KiB buffer per flow; the load
+// benchmark (go run ./bench -tests udpidle) measures the figure itself.
+func TestUDPFlowMemory(t *testing.T) {
+	be := startUDPBackend(t, "m")
+	c := startCaddyConfig(t, caddyConfig{Network: "udp", ServerIdleTimeout: "5m", LogLevel: "WARN", Routes: []map[string]any{
+		godistRoute(map[string]any{"upstreams": upstreamsJSON(be.addr)}),
+	}})
+	heap := func() uint64 {
+		runtime.GC()
+		runtime.GC()
+		var ms runtime.MemStats
+		runtime.ReadMemStats(&ms)
+		return ms.HeapInuse
+	}
+	const flows = 400
+	conns := make([]net.Conn, 0, flows)
+	defer func() {
+		for _, conn := range conns {
+			conn.Close()
+		}
+	}()
+	// One flow first, so that pools and caches exist before the baseline.
+	warm, err := net.Dial("udp", c.listen)
+	if err != nil {
+		t.Fatal(err)
+	}
+	conns = append(conns, warm)
+	if _, _, _, err := udpExchange(warm, []byte("warm")); err != nil {
+		t.Fatal(err)
+	}
+	before := heap()
+	for i := range flows {
+		conn, err := net.Dial("udp", c.listen)
+		if err != nil {
+			t.Fatal(err)
+		}
+		conns = append(conns, conn)
+		if _, _, echoed, err := udpExchange(conn, []byte(fmt.Sprint(i))); err != nil || string(echoed) != fmt.Sprint(i) {
+			t.Fatalf("flow %d: %q, %v", i, echoed, err)
+		}
+	}
+	time.Sleep(100 * time.Millisecond) // every flow back to waiting
+	perFlow := (int64(heap()) - int64(before)) / flows
+	t.Logf("heap per live UDP flow: %d bytes (the test process's own client sockets included)", perFlow)
+	if perFlow > 48<<10 {
+		t.Errorf("each live UDP flow holds %d bytes of heap: more than one idle datagram buffer's worth", perFlow)
 	}
 }

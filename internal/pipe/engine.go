@@ -84,8 +84,12 @@ func parkRefusedOnce(err error) {
 	}
 }
 
-// openPipes counts the kernel pipes open now, pooled or in use.
-var openPipes atomic.Int64
+// openPipes counts the kernel pipes open now, pooled or in use;
+// spliceRuns the times a flow turned to splice, since the process started.
+var (
+	openPipes  atomic.Int64
+	spliceRuns atomic.Uint64
+)
 
 // Stats is what the engine holds now, process-wide.
 type Stats struct {
@@ -96,6 +100,7 @@ type Stats struct {
 	SweeperRunning bool   // the sweeper's goroutine runs
 	Pipes          int64  // kernel pipes open, pooled or in use
 	ParkRefusals   uint64 // flows that could not park, since the process started
+	SpliceRuns     uint64 // times a flow's traffic turned bulk and went to splice, since the process started
 }
 
 // ReadStats returns the engine's state now.
@@ -109,6 +114,7 @@ func ReadStats() Stats {
 		SweeperRunning: sweeper.running(),
 		Pipes:          openPipes.Load(),
 		ParkRefusals:   parkRefusals.Load(),
+		SpliceRuns:     spliceRuns.Load(),
 	}
 }
 

@@ -144,6 +144,7 @@ func (c *socketCopy) bufferChunk() (int, error) {
 	}
 	if full && c.spliceOK {
 		c.splicing = true
+		spliceRuns.Add(1)
 	}
 	return n, nil
 }
