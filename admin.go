@@ -176,7 +176,12 @@ func servePlan(w http.ResponseWriter, r *http.Request, q url.Values) error {
 	if err := validateProposed(req.Upstreams); err != nil {
 		return apiErrorf(http.StatusBadRequest, "%v", err)
 	}
-	return writeJSON(w, all[index].plan(index, req.Upstreams))
+	// The plan stops when its client goes away or the admin server stops.
+	res, err := all[index].plan(r.Context(), index, req.Upstreams)
+	if err != nil {
+		return apiErrorf(http.StatusServiceUnavailable, "plan: stopped before it was done: %v", err)
+	}
+	return writeJSON(w, res)
 }
 
 // planHandler returns the index of the handler a plan is for: named in the
