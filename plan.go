@@ -41,7 +41,7 @@ const planMinSampleKeys = 500
 // scored against every upstream of both lists, so the sample is
 // planKeyScores / (upstreams before + after) keys, between
 // planMinSampleKeys and planSampleKeys. BenchmarkKeySpaceMoves measured
-// a score at 26 to 36 ns with equal weights and 60 to 71 ns with unequal
+// a score at 26 to 36 ns with equal weights and 60 to 72 ns with unequal
 // ones (a logarithm more) on the 2-core AMD EPYC this was written on, so
 // this is 0.3 to 0.9 s of one core. Lists of up to 120 upstreams together
 // get the whole sample; 1,000 and 1,000 get 6,000 keys, 10,000 and 3 get
