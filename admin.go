@@ -37,7 +37,8 @@ func init() {
 //   - POST /godist/plan: what replacing a handler's upstreams would move.
 //
 // Every endpoint takes handler=<index> to ask one handler only. None
-// changes anything. Errors are answered as Caddy's admin API answers them,
+// changes anything, and none costs more than about a second of one core
+// (see maxPlanUpstreams and the limits beside it). Errors are answered as Caddy's admin API answers them,
 // {"error": "..."} with a 4xx status.
 type adminAPI struct{}
 
@@ -49,8 +50,40 @@ func (adminAPI) CaddyModule() caddy.ModuleInfo {
 	}
 }
 
-// maxPlanBody bounds the body of POST /godist/plan.
-const maxPlanBody = 1 << 20
+// What one request may ask of the endpoints. The work a request makes
+// grows with what it sends (a key, a proposed list) and with the running
+// config's upstreams; these keep the first bounded, and a plan samples
+// fewer keys for long lists (see planKeyScores), so that no request costs
+// more than about a second of one core.
+const (
+	// maxPlanBody bounds the body of POST /godist/plan.
+	maxPlanBody = 1 << 20
+
+	// maxPlanUpstreams bounds the proposed upstreams of one plan: far
+	// more than a handler is given in practice (each new connection
+	// scores its key against every upstream). A plan of that many samples
+	// planKeyScores / (20,000 + the current upstreams) keys, about 600.
+	maxPlanUpstreams = 20_000
+
+	// maxConcurrentPlans is how many plans are worked out at once; the
+	// rest are refused with 429, so that a flood of plans takes one core
+	// at most.
+	maxConcurrentPlans = 1
+
+	// maxPickKey bounds the key GET /godist/pick takes, in bytes: longer
+	// than any client address, DNS name or header value that a hash key
+	// is made of (common HTTP servers cap a header line at 8 KiB).
+	// Caddy's admin server itself refuses a request line and headers of
+	// more than 64 KiB, with 431.
+	maxPickKey = 8 << 10
+)
+
+// planSlots holds a token for each plan being worked out, in every admin
+// server of the process. servePlan alone uses it: it puts a token in
+// without waiting before it works out a plan, and takes it out when the
+// answer is written or the plan stopped; finding no room, it refuses the
+// plan.
+var planSlots = make(chan struct{}, maxConcurrentPlans)
 
 // Routes returns the godist endpoints.
 func (adminAPI) Routes() []caddy.AdminRoute {
@@ -173,10 +206,28 @@ func servePlan(w http.ResponseWriter, r *http.Request, q url.Values) error {
 	if err != nil {
 		return err
 	}
+	if n := len(req.Upstreams); n > maxPlanUpstreams {
+		return apiErrorf(http.StatusRequestEntityTooLarge, "upstreams: %d proposed: a plan takes at most %d", n, maxPlanUpstreams)
+	}
 	if err := validateProposed(req.Upstreams); err != nil {
 		return apiErrorf(http.StatusBadRequest, "%v", err)
 	}
-	return writeJSON(w, all[index].plan(index, req.Upstreams))
+
+	// Only the work itself takes a slot: a client slow to send its body
+	// holds none.
+	select {
+	case planSlots <- struct{}{}:
+		defer func() { <-planSlots }()
+	default:
+		w.Header().Set("Retry-After", "1")
+		return apiErrorf(http.StatusTooManyRequests, "another plan is being worked out: /godist/plan works out %d at a time; retry in a second", maxConcurrentPlans)
+	}
+	// The plan stops when its client goes away or the admin server stops.
+	res, err := all[index].plan(r.Context(), index, req.Upstreams)
+	if err != nil {
+		return apiErrorf(http.StatusServiceUnavailable, "plan: stopped before it was done: %v", err)
+	}
+	return writeJSON(w, res)
 }
 
 // planHandler returns the index of the handler a plan is for: named in the
@@ -265,6 +316,9 @@ func parseKeyRequest(q url.Values) (keyRequest, error) {
 		kr.key, kr.hasKey = q.Get("key"), true
 		if kr.key == "" {
 			return kr, apiErrorf(http.StatusBadRequest, "key: empty")
+		}
+		if len(kr.key) > maxPickKey {
+			return kr, apiErrorf(http.StatusRequestURITooLong, "key: %d bytes: longer than the %d bytes /godist/pick takes", len(kr.key), maxPickKey)
 		}
 		return kr, nil
 	case !q.Has("ip"):

@@ -728,6 +728,8 @@ func TestAdminPlan(t *testing.T) {
 						want.WouldMove++
 					}
 				}
+				// a few: every key on a kept upstream is scored
+				want.KeysScored = want.Total - want.OnRemovedUpstreams
 			}
 			if got.Connections != want {
 				t.Errorf("live connections %+v, want %+v", got.Connections, want)
@@ -750,6 +752,8 @@ func TestAdminErrors(t *testing.T) {
 	_, addrs := startBackends(t, 1, whoami)
 	c := startCaddy(t, map[string]any{"upstreams": upstreamsJSON(addrs[0])})
 	big := append([]byte(`{"upstreams": [{"dial": "`), bytes.Repeat([]byte("a"), maxPlanBody)...)
+	tooMany := proposedUpstreams(t, maxPlanUpstreams+1, false)
+	longKey := func(n int) string { return "/godist/pick?key=" + strings.Repeat("k", n) }
 
 	tests := []struct {
 		name       string
@@ -782,12 +786,18 @@ func TestAdminErrors(t *testing.T) {
 		{"pick port too big", "GET", "/godist/pick?ip=192.0.2.1&port=65536", "", 400, `port "65536": must be a number from 1 to 65535`, ""},
 		{"pick port zero", "GET", "/godist/pick?ip=192.0.2.1&port=0", "", 400, `port "0": must be a number from 1 to 65535`, ""},
 		{"pick port not a number", "GET", "/godist/pick?ip=192.0.2.1&port=http", "", 400, `port "http": must be a number from 1 to 65535`, ""},
+		{"pick key too long", "GET", longKey(maxPickKey + 1), "", 414,
+			fmt.Sprintf("key: %d bytes: longer than the %d bytes /godist/pick takes", maxPickKey+1, maxPickKey), ""},
+		{"pick key of 60 KiB", "GET", longKey(60 << 10), "", 414,
+			fmt.Sprintf("key: %d bytes: longer than the %d bytes /godist/pick takes", 60<<10, maxPickKey), ""},
 		{"plan empty body", "POST", "/godist/plan", "", 400, `request body: empty: want {"upstreams": [{"dial": "host:port"}, ...]}`, ""},
 		{"plan bad JSON", "POST", "/godist/plan", `{"upstreams": [`, 400, "request body: unexpected EOF", ""},
 		{"plan unknown field", "POST", "/godist/plan", `{"upstreams": [{"dial": "127.0.0.1:1", "weigth": 2}]}`, 400, `request body: json: unknown field "weigth"`, ""},
 		{"plan wrong type", "POST", "/godist/plan", `{"upstreams": [{"dial": "127.0.0.1:1", "weight": "2"}]}`, 400, "request body: upstreams.weight: cannot be a JSON string", ""},
 		{"plan two values", "POST", "/godist/plan", `{"upstreams": [{"dial": "127.0.0.1:1"}]} {}`, 400, "request body: more after the JSON object", ""},
 		{"plan too large", "POST", "/godist/plan", string(big), 413, fmt.Sprintf("request body: larger than %d bytes", maxPlanBody), ""},
+		{"plan too many upstreams", "POST", "/godist/plan", string(tooMany), 413,
+			fmt.Sprintf("upstreams: %d proposed: a plan takes at most %d", maxPlanUpstreams+1, maxPlanUpstreams), ""},
 		{"plan no upstreams", "POST", "/godist/plan", `{"upstreams": []}`, 400, "upstreams: at least one upstream is required", ""},
 		{"plan null upstream", "POST", "/godist/plan", `{"upstreams": [null]}`, 400, "upstream 0: missing", ""},
 		{"plan bad weight", "POST", "/godist/plan", `{"upstreams": [{"dial": "127.0.0.1:1", "weight": -1}]}`, 400,
