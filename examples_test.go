@@ -61,6 +61,27 @@ func TestReadmeExample(t *testing.T) {
 	assertJSONEqual(t, adaptCaddyfile(t, "examples/postgres.Caddyfile"), blocks[1][2])
 }
 
+// TestDocsDescriptors keeps docs/descriptors.md honest: its Caddyfile is
+// examples/descriptors.Caddyfile, and its JSON is what that adapts to.
+func TestDocsDescriptors(t *testing.T) {
+	doc, err := os.ReadFile("docs/descriptors.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	caddyfiles, jsons := fencedBlocks(string(doc), "caddyfile"), fencedBlocks(string(doc), "json")
+	if len(caddyfiles) != 1 || len(jsons) != 1 {
+		t.Fatalf("want one caddyfile and one json block in the page, found %d and %d", len(caddyfiles), len(jsons))
+	}
+	example, err := os.ReadFile("examples/descriptors.Caddyfile")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if stripComments(string(example)) != caddyfiles[0] {
+		t.Errorf("the page's Caddyfile differs from examples/descriptors.Caddyfile:\n%s", caddyfiles[0])
+	}
+	assertJSONEqual(t, adaptCaddyfile(t, "examples/descriptors.Caddyfile"), jsons[0])
+}
+
 func adaptCaddyfile(t *testing.T, file string) []byte {
 	t.Helper()
 	body, err := os.ReadFile(file)

@@ -12,7 +12,8 @@ import (
 
 // The metrics are read at scrape time from the counters godist keeps
 // anyway (per upstream in its shared state, and process-wide for the
-// connections it closes unpiped), so they cost the piping path nothing:
+// connections it closes unpiped and the accepts its godist-tcp listeners
+// retried), so they cost the piping path nothing:
 // bytes are added once per connection as it ends, never per read.
 //
 // Per-upstream series are labelled by dial address. Health, failures and
@@ -43,6 +44,9 @@ var (
 		[]string{"limit"}, nil)
 	descNoUpstream = prometheus.NewDesc(metricsNamespace+"_no_upstream_connections_total",
 		"Connections closed because no upstream answered.", nil, nil)
+	descAcceptErrors = prometheus.NewDesc(metricsNamespace+"_accept_errors_total",
+		"Accepts on a godist-tcp listener that failed for want of a local resource and were retried after a backoff.",
+		[]string{"error"}, nil)
 )
 
 // collector reports godist's metrics to a Prometheus registry.
@@ -64,7 +68,7 @@ func registerMetrics(reg *prometheus.Registry) error {
 // Describe implements prometheus.Collector.
 func (collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descConnections, descActive, descDialFailures, descFailovers,
-		descBytesTo, descBytesFrom, descHealthy, descRejected, descNoUpstream} {
+		descBytesTo, descBytesFrom, descHealthy, descRejected, descNoUpstream, descAcceptErrors} {
 		ch <- d
 	}
 }
@@ -97,6 +101,9 @@ func (collector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(descRejected, prometheus.CounterValue, float64(rejectedOverLimit.Load()), "max_connections")
 	ch <- prometheus.MustNewConstMetric(descRejected, prometheus.CounterValue, float64(rejectedOverDescriptors.Load()), "descriptors")
 	ch <- prometheus.MustNewConstMetric(descNoUpstream, prometheus.CounterValue, float64(noUpstream.Load()))
+	for i, e := range acceptRetryErrors {
+		ch <- prometheus.MustNewConstMetric(descAcceptErrors, prometheus.CounterValue, float64(acceptRetries[i].Load()), e.name)
+	}
 }
 
 // Interface guard

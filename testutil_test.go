@@ -48,7 +48,7 @@ func freeAddr(t testing.TB) string {
 type caddyConfig struct {
 	AdminAddr string
 	Listen    string
-	Network   string           // "tcp" (default) or "udp"
+	Network   string           // "tcp" (default), "udp", or a network such as "godist-tcp"
 	Routes    []map[string]any // layer4 routes
 
 	ServerIdleTimeout string // the layer4 server's idle_timeout, for UDP flows
@@ -69,8 +69,8 @@ func testLogWriter() map[string]any {
 func (c caddyConfig) JSON(t testing.TB) []byte {
 	t.Helper()
 	listen := c.Listen
-	if c.Network == "udp" {
-		listen = "udp/" + listen
+	if c.Network != "" && c.Network != "tcp" {
+		listen = c.Network + "/" + listen
 	}
 	cfg := map[string]any{
 		"admin":   map[string]any{"listen": c.AdminAddr, "config": map[string]any{"persist": false}},
@@ -141,13 +141,16 @@ func startCaddyRoutes(t testing.TB, network string, routes []map[string]any) *te
 }
 
 // startCaddyConfig loads cfg, with the admin endpoint and listener on free
-// loopback ports, into Caddy in this process.
+// loopback ports (the listener on cfg.Listen if set), into Caddy in this
+// process.
 func startCaddyConfig(t testing.TB, cfg caddyConfig) *testCaddy {
 	t.Helper()
 	cfg.AdminAddr = freeAddr(t)
-	if cfg.Network == "udp" {
+	switch {
+	case cfg.Listen != "":
+	case cfg.Network == "udp":
 		cfg.Listen = freeUDPAddr(t)
-	} else {
+	default:
 		cfg.Listen = freeAddr(t)
 	}
 	c := &testCaddy{t: t, admin: cfg.AdminAddr, listen: cfg.Listen, cfg: cfg}
