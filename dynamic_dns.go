@@ -163,9 +163,13 @@ func isNotFound(err error) bool {
 // lookupError drops the server from a DNS error of a resolver of ours:
 // Go names the server of resolv.conf it meant to ask, not the one it was
 // dialled to. The logs and the admin API name the configured resolvers.
+// Go's resolver may hand one error to several lookups at once, so the
+// error is copied, not changed.
 func lookupError(r *net.Resolver, err error) error {
-	if dnsErr := (*net.DNSError)(nil); r != net.DefaultResolver && errors.As(err, &dnsErr) {
-		dnsErr.Server = ""
+	if dnsErr, ok := err.(*net.DNSError); ok && r != net.DefaultResolver && dnsErr.Server != "" {
+		cp := *dnsErr
+		cp.Server = ""
+		return &cp
 	}
 	return err
 }
