@@ -37,7 +37,12 @@ func newLogLimiter() *logLimiter {
 // log writes msg at error level, unless the limit for this interval is
 // spent.
 func (l *logLimiter) log(logger *zap.Logger, msg string, fields ...zap.Field) {
-	ce := logger.Check(zapcore.ErrorLevel, msg)
+	l.logAt(logger, zapcore.ErrorLevel, msg, fields...)
+}
+
+// logAt writes msg at level, unless the limit for this interval is spent.
+func (l *logLimiter) logAt(logger *zap.Logger, level zapcore.Level, msg string, fields ...zap.Field) {
+	ce := logger.Check(level, msg)
 	if ce == nil {
 		return
 	}

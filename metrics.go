@@ -47,6 +47,16 @@ var (
 	descAcceptErrors = prometheus.NewDesc(metricsNamespace+"_accept_errors_total",
 		"Accepts on a godist-tcp listener that failed for want of a local resource and were retried after a backoff.",
 		[]string{"error"}, nil)
+
+	// The dynamic upstream sources, one series per lookup name
+	// (`a:db.internal:5432`, `srv:_pg._tcp.db.internal`), read from
+	// sourceStates.
+	descSourceLastSuccess = prometheus.NewDesc(metricsNamespace+"_source_last_success_timestamp_seconds",
+		"When an upstream lookup last found upstreams, in seconds since the Unix epoch; 0 if it never has.", []string{"source"}, nil)
+	descSourceFailures = prometheus.NewDesc(metricsNamespace+"_source_failures_total",
+		"Upstream lookups that failed or found nothing (the last good set stays).", []string{"source"}, nil)
+	descSourceRecords = prometheus.NewDesc(metricsNamespace+"_source_records",
+		"Upstreams an upstream lookup serves now: those of its last good set.", []string{"source"}, nil)
 )
 
 // collector reports godist's metrics to a Prometheus registry.
@@ -68,7 +78,8 @@ func registerMetrics(reg *prometheus.Registry) error {
 // Describe implements prometheus.Collector.
 func (collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descConnections, descActive, descDialFailures, descFailovers,
-		descBytesTo, descBytesFrom, descHealthy, descRejected, descNoUpstream, descAcceptErrors} {
+		descBytesTo, descBytesFrom, descHealthy, descRejected, descNoUpstream, descAcceptErrors,
+		descSourceLastSuccess, descSourceFailures, descSourceRecords} {
 		ch <- d
 	}
 }
@@ -104,6 +115,27 @@ func (collector) Collect(ch chan<- prometheus.Metric) {
 	for i, e := range acceptRetryErrors {
 		ch <- prometheus.MustNewConstMetric(descAcceptErrors, prometheus.CounterValue, float64(acceptRetries[i].Load()), e.name)
 	}
+	collectSources(ch)
+}
+
+// collectSources reports each upstream lookup in use.
+func collectSources(ch chan<- prometheus.Metric) {
+	sourceStates.Range(func(key, value any) bool {
+		name, ok1 := key.(string)
+		st, ok2 := value.(*sourceState)
+		if !ok1 || !ok2 {
+			return true
+		}
+		s := st.status(name)
+		lastSuccess := 0.0
+		if !s.LastSuccess.IsZero() {
+			lastSuccess = float64(s.LastSuccess.UnixNano()) / 1e9
+		}
+		ch <- prometheus.MustNewConstMetric(descSourceLastSuccess, prometheus.GaugeValue, lastSuccess, name)
+		ch <- prometheus.MustNewConstMetric(descSourceFailures, prometheus.CounterValue, float64(s.Failures), name)
+		ch <- prometheus.MustNewConstMetric(descSourceRecords, prometheus.GaugeValue, float64(s.Records), name)
+		return true
+	})
 }
 
 // Interface guard
