@@ -60,34 +60,10 @@ func FuzzCaddyfile(f *testing.F) {
 		if !reflect.DeepEqual(h, &back) {
 			t.Fatalf("accepted %q, but JSON changed it:\n%#v\n%#v", input, h, &back)
 		}
-		if err := checkAsLoaded(&back); err != nil {
+		if err := back.Validate(); err != nil {
 			t.Fatalf("the Caddyfile parser accepted %q, but loading it would fail: %v", input, err)
 		}
 	})
-}
-
-// checkAsLoaded runs what Provision and Validate check of a config, without
-// starting anything.
-func checkAsLoaded(h *Handler) error {
-	if _, err := newHashKey(h.HashKey); err != nil {
-		return err
-	}
-	if _, err := parseProxyProtocol(h.ProxyProtocol); err != nil {
-		return err
-	}
-	for _, u := range h.Upstreams {
-		if _, _, err := parseDial(u.Dial); err != nil {
-			return err
-		}
-		if u.Weight == 0 {
-			u.Weight = 1
-		}
-	}
-	if h.HealthChecks == nil {
-		h.HealthChecks = new(HealthChecks)
-	}
-	h.HealthChecks.provision()
-	return h.Validate()
 }
 
 // FuzzHashKey feeds arbitrary client addresses and hash_key strings to the

@@ -218,13 +218,14 @@ func (h *Handler) dialUpstream(down *layer4.Connection, key string, d *dialOutco
 	d.unhealthy, d.full, d.failed = newBitset(d.small[0][:], n), newBitset(d.small[1][:], n), newBitset(d.small[2][:], n)
 	listenerNet := down.LocalAddr().Network()
 	var errs []error
+	var now int64 // read from the clock only if failed dials are on record
 	for _, healthyOnly := range [...]bool{true, false} {
 		for {
 			i := h.picker.Pick(key, func(i int) bool {
 				if d.failed.has(i) || d.full.has(i) {
 					return false
 				}
-				if healthyOnly && !h.healthy(h.pool[i]) {
+				if healthyOnly && h.usability(h.pool[i], &now)&downReasons != 0 {
 					d.unhealthy.set(i)
 					d.passedOver = true
 					return false
@@ -235,6 +236,9 @@ func (h *Handler) dialUpstream(down *layer4.Connection, key string, d *dialOutco
 				break
 			}
 			u := h.pool[i]
+			if now != 0 {
+				h.noticeRecovery(u, now)
+			}
 			if !u.reserve() {
 				d.full.set(i)
 				d.passedOver = true

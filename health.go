@@ -142,21 +142,23 @@ func (hc *HealthChecks) provision() {
 	}
 }
 
+// validate checks the health check settings; zero values mean their
+// defaults.
 func (hc *HealthChecks) validate() error {
 	if a := hc.Active; a != nil {
-		if a.Interval <= 0 {
+		if a.Interval < 0 {
 			return fmt.Errorf("health_checks.active.interval %s: must be positive", time.Duration(a.Interval))
 		}
-		if a.Timeout <= 0 {
+		if a.Timeout < 0 {
 			return fmt.Errorf("health_checks.active.timeout %s: must be positive", time.Duration(a.Timeout))
 		}
 		if a.Port < 0 || a.Port > 65535 {
 			return fmt.Errorf("health_checks.active.port %d: must be a port number, 1-65535", a.Port)
 		}
-		if a.Rise < 1 {
+		if a.Rise < 0 {
 			return fmt.Errorf("health_checks.active.rise %d: must be at least 1", a.Rise)
 		}
-		if a.Fall < 1 {
+		if a.Fall < 0 {
 			return fmt.Errorf("health_checks.active.fall %d: must be at least 1", a.Fall)
 		}
 	}
@@ -164,7 +166,7 @@ func (hc *HealthChecks) validate() error {
 		if p.FailDuration != nil && *p.FailDuration < 0 {
 			return fmt.Errorf("health_checks.passive.fail_duration %s: must not be negative", time.Duration(*p.FailDuration))
 		}
-		if p.MaxFails < 1 {
+		if p.MaxFails < 0 {
 			return fmt.Errorf("health_checks.passive.max_fails %d: must be at least 1", p.MaxFails)
 		}
 	}
@@ -176,35 +178,14 @@ func (hc *HealthChecks) passiveEnabled() bool {
 	return hc.Passive != nil && hc.Passive.FailDuration != nil && *hc.Passive.FailDuration > 0
 }
 
-// healthy reports whether the handler should offer new connections to u:
-// the active checks (if this handler runs them) last found it up, and
-// fewer than max_fails dials to it failed within fail_duration.
-func (h *Handler) healthy(u *upstream) bool {
-	if h.activelyDown(u) {
-		return false
+// noticeRecovery clears the failed dials that held u down once they have
+// expired, and logs it, once: the routing path calls it when it finds u
+// usable with failed dials still on record.
+func (h *Handler) noticeRecovery(u *upstream, now int64) {
+	until := u.state.downUntil.Load()
+	if until != 0 && now >= until && u.state.downUntil.CompareAndSwap(until, 0) {
+		h.logger.Info("upstream back: the failed dials are older than fail_duration", zap.String("upstream", u.dial))
 	}
-	// The clock is read only when failed dials took u down.
-	if until := u.state.downUntil.Load(); until != 0 && h.passive {
-		if h.passivelyDown(u, time.Now().UnixNano()) {
-			return false
-		}
-		if u.state.downUntil.CompareAndSwap(until, 0) {
-			h.logger.Info("upstream back: the failed dials are older than fail_duration", zap.String("upstream", u.dial))
-		}
-	}
-	return true
-}
-
-// activelyDown reports whether this handler runs active checks and they
-// last found u down.
-func (h *Handler) activelyDown(u *upstream) bool {
-	return h.HealthChecks.Active != nil && u.state.activeDown.Load()
-}
-
-// passivelyDown reports whether this handler counts failed dials and they
-// hold u down at now (unix nanoseconds).
-func (h *Handler) passivelyDown(u *upstream, now int64) bool {
-	return h.passive && now < u.state.downUntil.Load()
 }
 
 // countDialFailure records a failed dial for the passive checks: it counts
@@ -240,6 +221,8 @@ func (h *Handler) startActiveChecks() {
 		// Spread the upstreams' checks over the interval rather than
 		// probing all of them at the same instant.
 		offset := time.Duration(a.Interval) * time.Duration(i) / time.Duration(len(h.pool))
+		u.checked = true
+		u.state.checkerStarted()
 		go h.checkLoop(u, offset)
 	}
 }
@@ -315,7 +298,10 @@ func (h *Handler) checkOnce(u *upstream) error {
 // change of state.
 func (h *Handler) recordCheck(u *upstream, checkErr error) {
 	a := h.HealthChecks.Active
-	changed, up := u.state.recordActiveCheck(checkErr == nil, a.Rise, a.Fall, checkErr)
+	changed, up, counted := u.state.recordActiveCheck(&h.cleanedUp, checkErr == nil, a.Rise, a.Fall, checkErr)
+	if !counted {
+		return // the config was unloaded while the check ran
+	}
 	if up && u.state.clearFailures(time.Now().UnixNano()) {
 		// It just accepted a connection from the checker: the dials that
 		// failed before no longer say anything.

@@ -4,9 +4,7 @@
 package godist
 
 import (
-	"fmt"
 	"slices"
-	"strings"
 	"time"
 )
 
@@ -144,16 +142,12 @@ func (h *Handler) failWindow() time.Duration {
 	return time.Duration(*h.HealthChecks.Passive.FailDuration)
 }
 
-// downBy says what keeps u from this handler's new connections at now, as
-// Handler.healthy decides, but without clearing an expired failure.
-func (h *Handler) downBy(u *upstream, now time.Time) (active, passive bool) {
-	return h.activelyDown(u), h.passivelyDown(u, now.UnixNano())
-}
-
 // healthStatus returns u's health as this handler sees it at now.
 func (h *Handler) healthStatus(u *upstream, now time.Time) healthStatus {
 	st := u.state
-	activeDown, passiveDown := h.downBy(u, now)
+	nanos := now.UnixNano()
+	why := h.usability(u, &nanos)
+	activeDown, passiveDown := why&downByActiveChecks != 0, why&downByFailedDials != 0
 	activeSince, lastCheck, lastError := st.activeCheckState()
 	failed := st.failedDialTimes()
 
@@ -191,12 +185,6 @@ func (h *Handler) healthStatus(u *upstream, now time.Time) healthStatus {
 	}
 	hs.Since = timeOrNil(since)
 	return hs
-}
-
-// full reports whether u is at its max_connections, so that a new
-// connection would not be offered to it (see upstream.reserve).
-func (u *upstream) full() bool {
-	return u.maxConns > 0 && u.state.active.Load() >= int64(u.maxConns)
 }
 
 // failedDialTimes returns the failed dials the state remembers, oldest
@@ -261,9 +249,11 @@ func (h *Handler) pick(index int, key string, now time.Time) pickStatus {
 	n := len(h.pool)
 	whyNot := make([]string, n)
 	full := make([]bool, n)
+	nanos := now.UnixNano()
 	for i, u := range h.pool {
-		full[i] = u.full()
-		whyNot[i] = h.whyNotUsable(u, full[i], now)
+		why := h.usability(u, &nanos)
+		full[i] = why&atMaxConnections != 0
+		whyNot[i] = why.describe(u)
 	}
 	ps := pickStatus{
 		Handler:     index,
@@ -284,24 +274,6 @@ func (h *Handler) pick(index int, key string, now time.Time) pickStatus {
 		}
 	}
 	return ps
-}
-
-// whyNotUsable says why the handler would not offer a new connection to u
-// at now, or returns "" if it would.
-func (h *Handler) whyNotUsable(u *upstream, full bool, now time.Time) string {
-	var why []string
-	switch activeDown, passiveDown := h.downBy(u, now); {
-	case activeDown && passiveDown:
-		why = append(why, "down by active checks and failed dials")
-	case activeDown:
-		why = append(why, "down by active checks")
-	case passiveDown:
-		why = append(why, "down by failed dials")
-	}
-	if full {
-		why = append(why, fmt.Sprintf("at max_connections (%d)", u.maxConns))
-	}
-	return strings.Join(why, "; ")
 }
 
 // fingerprintStatus is a handler's fingerprint and what it digests, as

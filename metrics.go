@@ -103,7 +103,7 @@ func (collector) Collect(ch chan<- prometheus.Metric) {
 		counter(descBytesFrom, st.bytesFrom.Load())
 		ch <- prometheus.MustNewConstMetric(descActive, prometheus.GaugeValue, float64(st.active.Load()), dial)
 		healthy := 1.0
-		if st.activeDown.Load() || st.downUntil.Load() > now {
+		if active, passive := st.down(&now); active || passive {
 			healthy = 0
 		}
 		ch <- prometheus.MustNewConstMetric(descHealthy, prometheus.GaugeValue, healthy, dial)

@@ -154,7 +154,8 @@ func (*Handler) CaddyModule() caddy.ModuleInfo {
 	}
 }
 
-// Provision sets defaults and builds the picker and the upstreams' state.
+// Provision fills in the defaults, checks the result with Validate before
+// it starts anything, and builds the picker and the upstreams' state.
 func (h *Handler) Provision(ctx caddy.Context) error {
 	h.ctx = ctx
 	h.logger = ctx.Logger()
@@ -171,31 +172,21 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 			u.Weight = 1
 		}
 	}
-
 	if h.HealthChecks == nil {
 		h.HealthChecks = new(HealthChecks)
 	}
 	h.HealthChecks.provision()
 	h.passive = h.HealthChecks.passiveEnabled()
-
-	var err error
-	if h.hashKey, err = newHashKey(h.HashKey); err != nil {
-		return err
-	}
-	if h.ppVersion, err = parseProxyProtocol(h.ProxyProtocol); err != nil {
-		return err
-	}
-	// Checked here as well as in Validate: the active checks start below,
-	// and must not start with values they cannot run with.
-	if err := h.HealthChecks.validate(); err != nil {
+	// Caddy validates after provisioning, but the health checks start
+	// below, and must not start with values they cannot run with.
+	if err := h.Validate(); err != nil {
 		return err
 	}
 
+	h.hashKey, _ = newHashKey(h.HashKey)                 // checked by Validate
+	h.ppVersion, _ = parseProxyProtocol(h.ProxyProtocol) // likewise
 	pickerUpstreams := make([]PickerUpstream, 0, len(h.Upstreams))
 	for i, u := range h.Upstreams {
-		if u == nil {
-			return fmt.Errorf("upstream %d: missing", i)
-		}
 		pu, err := newUpstream(u)
 		if err != nil {
 			// Caddy calls Cleanup after a failed Provision: it releases
@@ -221,23 +212,23 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	return nil
 }
 
-// Validate checks the configuration without changing it.
+// Validate checks the configuration without changing it: every check of a
+// godist config is here, and nowhere else. It accepts a config as written
+// (zero values mean their defaults) as well as a provisioned one, so
+// Provision calls it before it starts anything, POST /godist/plan calls it
+// on a proposed upstream list, and the tests and fuzzers call it directly.
 func (h *Handler) Validate() error {
 	if len(h.Upstreams) == 0 {
 		return errors.New("upstreams: at least one upstream is required")
 	}
-	seen := make(map[string]int, len(h.Upstreams))
-	for i, u := range h.Upstreams {
-		if u.Weight < 1 {
-			return fmt.Errorf("upstream %d (%s): weight %d: must be at least 1", i, u.Dial, u.Weight)
-		}
-		if u.MaxConnections < 0 {
-			return fmt.Errorf("upstream %d (%s): max_connections %d: must not be negative", i, u.Dial, u.MaxConnections)
-		}
-		if j, dup := seen[u.Dial]; dup {
-			return fmt.Errorf("upstream %d (%s): the same dial address as upstream %d", i, u.Dial, j)
-		}
-		seen[u.Dial] = i
+	if err := validateUpstreams(h.Upstreams); err != nil {
+		return err
+	}
+	if _, err := parseHashKey(h.HashKey); err != nil {
+		return err
+	}
+	if _, err := parseProxyProtocol(h.ProxyProtocol); err != nil {
+		return err
 	}
 	if h.DialTimeout < 0 {
 		return fmt.Errorf("dial_timeout %s: must not be negative", time.Duration(h.DialTimeout))
@@ -250,6 +241,31 @@ func (h *Handler) Validate() error {
 	}
 	if h.HealthChecks != nil {
 		return h.HealthChecks.validate()
+	}
+	return nil
+}
+
+// validateUpstreams checks an upstream list: each address, weight and
+// limit, and that no address is listed twice.
+func validateUpstreams(ups []*Upstream) error {
+	seen := make(map[string]int, len(ups))
+	for i, u := range ups {
+		if u == nil {
+			return fmt.Errorf("upstream %d: missing", i)
+		}
+		if _, _, err := parseDial(u.Dial); err != nil {
+			return fmt.Errorf("upstream %d (%s): %w", i, u.Dial, err)
+		}
+		if u.Weight < 0 {
+			return fmt.Errorf("upstream %d (%s): weight %d: must be at least 1", i, u.Dial, u.Weight)
+		}
+		if u.MaxConnections < 0 {
+			return fmt.Errorf("upstream %d (%s): max_connections %d: must not be negative", i, u.Dial, u.MaxConnections)
+		}
+		if j, dup := seen[u.Dial]; dup {
+			return fmt.Errorf("upstream %d (%s): the same dial address as upstream %d", i, u.Dial, j)
+		}
+		seen[u.Dial] = i
 	}
 	return nil
 }
@@ -272,6 +288,9 @@ func (h *Handler) Cleanup() error {
 	// The pool itself stays: a connection accepted by the old config's
 	// listener just before it closed is still handled by this handler.
 	for _, u := range h.pool {
+		if u.checked {
+			u.state.checkerStopped()
+		}
 		u.releaseConfig()
 	}
 	return nil

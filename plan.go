@@ -129,21 +129,18 @@ type liveChange struct {
 	WouldMoveMargin int `json:"would_move_margin"`
 }
 
-// validateProposed checks a proposed upstream list as a handler's
-// Provision and Validate would, and fills in the default weight.
+// validateProposed checks a proposed upstream list with the handler's own
+// Validate, and fills in the default weight.
 func validateProposed(ups []*Upstream) error {
-	for i, u := range ups {
-		if u == nil {
-			return fmt.Errorf("upstream %d: missing", i)
-		}
+	if err := (&Handler{Upstreams: ups}).Validate(); err != nil {
+		return err
+	}
+	for _, u := range ups {
 		if u.Weight == 0 {
 			u.Weight = 1
 		}
-		if _, _, err := parseDial(u.Dial); err != nil {
-			return fmt.Errorf("upstream %d (%s): %w", i, u.Dial, err)
-		}
 	}
-	return (&Handler{Upstreams: ups}).Validate()
+	return nil
 }
 
 // plan works out what replacing the handler's upstreams with proposed, a

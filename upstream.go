@@ -22,7 +22,8 @@ type upstream struct {
 	address string // host:port, or a socket path
 
 	weight   int
-	maxConns int // 0: no limit
+	maxConns int  // 0: no limit
+	checked  bool // this handler runs active checks of it
 
 	stateKey any // dial address boxed once, the key in upstreamStates
 	state    *upstreamState
@@ -55,7 +56,13 @@ type upstreamState struct {
 	failMu    sync.Mutex
 	failTimes []int64 // unix nanoseconds of the latest failed dials, oldest first
 
-	activeDown atomic.Bool // the active checks found it down
+	// Active checks: activeDown is their verdict, meaningful only while
+	// activeCheckers (the configs whose checks of it run now) is above
+	// zero; when the last of them is unloaded its verdict and counts are
+	// forgotten, so that a reload that drops active checks leaves nothing
+	// behind (checkerStopped).
+	activeDown     atomic.Bool
+	activeCheckers atomic.Int32
 
 	mu        sync.Mutex
 	passes    int       // consecutive passed active checks
@@ -115,10 +122,15 @@ func (st *upstreamState) clearFailures(now int64) (wasDown bool) {
 }
 
 // recordActiveCheck counts one active check and reports whether the
-// upstream's state changed, and whether it is up now.
-func (st *upstreamState) recordActiveCheck(passed bool, rise, fall int, checkErr error) (changed, up bool) {
+// upstream's state changed, and whether it is up now. A check whose config
+// was unloaded (stopped is set) while it ran is not counted: counted is
+// false.
+func (st *upstreamState) recordActiveCheck(stopped *atomic.Bool, passed bool, rise, fall int, checkErr error) (changed, up, counted bool) {
 	st.mu.Lock()
 	defer st.mu.Unlock()
+	if stopped.Load() {
+		return false, false, false
+	}
 	now := time.Now()
 	st.lastCheck = now
 	down := st.activeDown.Load()
@@ -129,9 +141,9 @@ func (st *upstreamState) recordActiveCheck(passed bool, rise, fall int, checkErr
 		if down && st.passes >= rise {
 			st.activeDown.Store(false)
 			st.since = now
-			return true, true
+			return true, true, true
 		}
-		return false, !down
+		return false, !down, true
 	}
 	st.fails++
 	st.passes = 0
@@ -141,9 +153,30 @@ func (st *upstreamState) recordActiveCheck(passed bool, rise, fall int, checkErr
 	if !down && st.fails >= fall {
 		st.activeDown.Store(true)
 		st.since = now
-		return true, false
+		return true, false, true
 	}
-	return false, !down
+	return false, !down, true
+}
+
+// checkerStarted counts one more config whose active checks of the
+// upstream run.
+func (st *upstreamState) checkerStarted() {
+	st.activeCheckers.Add(1)
+}
+
+// checkerStopped counts a config whose checks of the upstream ended, once
+// it is cleaned up (its stopped flag set first, so that none of its checks
+// still running is counted after this). When it was the last, the checks'
+// verdict and counts are forgotten.
+func (st *upstreamState) checkerStopped() {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	if st.activeCheckers.Add(-1) > 0 {
+		return
+	}
+	st.activeDown.Store(false)
+	st.passes, st.fails = 0, 0
+	st.since, st.lastCheck, st.lastError = time.Time{}, time.Time{}, ""
 }
 
 // Destruct implements caddy.Destructor; there is nothing to release.

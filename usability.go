@@ -1,0 +1,92 @@
+// Copyright 2026 The caddy-godist Authors
+// SPDX-License-Identifier: Apache-2.0
+
+package godist
+
+import (
+	"fmt"
+	"strings"
+	"time"
+)
+
+// This file is the one answer to "may a new connection go to this
+// upstream, and if not, why?". Routing (handler.go), the admin API
+// (inspect.go), the metrics (metrics.go) and the status page all ask it;
+// none decides for itself.
+
+// unusable is the set of reasons a handler would not offer a new
+// connection to an upstream; none means it is usable.
+type unusable uint8
+
+const (
+	// downByActive: this handler runs active checks, and they last found
+	// the upstream down.
+	downByActiveChecks unusable = 1 << iota
+	// downByFailedDials: this handler counts failed dials, and max_fails of
+	// them within fail_duration hold the upstream down.
+	downByFailedDials
+	// atMaxConnections: the upstream has max_connections open (counted
+	// over every handler that names it).
+	atMaxConnections
+)
+
+// downReasons is the part of the reasons that is about health, not room.
+const downReasons = downByActiveChecks | downByFailedDials
+
+// usability says whether handler h would offer a new connection to u at
+// *now (unix nanoseconds; if 0, the clock is read into it, only if it
+// matters), and if not, why. It changes nothing.
+func (h *Handler) usability(u *upstream, now *int64) unusable {
+	var why unusable
+	active, passive := u.state.down(now)
+	if active && h.HealthChecks.Active != nil {
+		why |= downByActiveChecks
+	}
+	if passive && h.passive {
+		why |= downByFailedDials
+	}
+	if u.full() {
+		why |= atMaxConnections
+	}
+	return why
+}
+
+// down reports what holds the upstream down, whichever handler's view:
+// the active checks of a config that still runs them, and failed dials
+// within their fail_duration. now is read from the clock, into *now, only
+// if failed dials are on record and it is 0.
+func (st *upstreamState) down(now *int64) (active, passive bool) {
+	active = st.activeCheckers.Load() > 0 && st.activeDown.Load()
+	if until := st.downUntil.Load(); until != 0 {
+		if *now == 0 {
+			*now = time.Now().UnixNano()
+		}
+		passive = *now < until
+	}
+	return active, passive
+}
+
+// describe says why in words, for the admin API, the status page and the
+// logs; "" when the upstream is usable.
+func (why unusable) describe(u *upstream) string {
+	var parts []string
+	switch {
+	case why&downReasons == downReasons:
+		parts = append(parts, "down by active checks and failed dials")
+	case why&downByActiveChecks != 0:
+		parts = append(parts, "down by active checks")
+	case why&downByFailedDials != 0:
+		parts = append(parts, "down by failed dials")
+	}
+	if why&atMaxConnections != 0 {
+		parts = append(parts, fmt.Sprintf("at max_connections (%d)", u.maxConns))
+	}
+	return strings.Join(parts, "; ")
+}
+
+// full reports whether u is at its max_connections, so that a new
+// connection would not be offered to it (upstream.reserve is what holds
+// the line, atomically, when one is dialled).
+func (u *upstream) full() bool {
+	return u.maxConns > 0 && u.state.active.Load() >= int64(u.maxConns)
+}
