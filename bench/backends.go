@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -50,8 +51,8 @@ const (
 	kindSource backendKind = "source" // sends bulkData until the client goes
 	kindHold   backendKind = "hold"   // sends holdBytes, then reads until the client goes
 
-	// The same over TLS: each connection's handshake first, then the same
-	// loop over the TLS connection.
+	// The same over TLS ("tls-" and the plain kind): each connection's
+	// handshake first, then the same loop over the TLS connection.
 	kindTLSEcho   backendKind = "tls-echo"
 	kindTLSSink   backendKind = "tls-sink"
 	kindTLSSource backendKind = "tls-source"
@@ -61,22 +62,6 @@ const (
 // holdBytes is what a hold backend sends on each connection before it goes
 // quiet, leaving the connection open: the slow readers' download.
 const holdBytes = 4 << 20
-
-// loop is what a backend of the kind does once a connection is set up:
-// the TLS kinds do what their plain kind does.
-func (k backendKind) loop() backendKind {
-	switch k {
-	case kindTLSEcho:
-		return kindEcho
-	case kindTLSSink:
-		return kindSink
-	case kindTLSSource:
-		return kindSource
-	case kindTLSHold:
-		return kindHold
-	}
-	return k
-}
 
 // backend is one kind of server listening on one or more loopback ports.
 type backend struct {
@@ -141,14 +126,14 @@ func (b *backend) serve(ln net.Listener) {
 				_ = c.SetDeadline(time.Time{})
 				conn = tc
 			}
-			switch b.kind.loop() {
-			case kindEcho:
+			switch b.kind {
+			case kindEcho, kindTLSEcho:
 				serveEcho(conn)
-			case kindSink:
+			case kindSink, kindTLSSink:
 				b.serveSink(conn)
-			case kindSource:
+			case kindSource, kindTLSSource:
 				serveSource(conn)
-			case kindHold:
+			case kindHold, kindTLSHold:
 				serveHold(conn)
 			}
 		})
@@ -275,7 +260,7 @@ func startBackends() (*backends, error) {
 		{&bs.tlsEcho, kindTLSEcho, 1}, {&bs.tlsSink, kindTLSSink, 1}, {&bs.tlsSource, kindTLSSource, 1}, {&bs.tlsHold, kindTLSHold, 1},
 	} {
 		var tlsConfig *tls.Config
-		if spec.kind.loop() != spec.kind {
+		if strings.HasPrefix(string(spec.kind), "tls-") {
 			tlsConfig = bs.tls.server
 		}
 		if *spec.b, err = startBackend(spec.kind, spec.n, tlsConfig); err != nil {

@@ -5,11 +5,13 @@
 // of its own, next to caddy-l4's proxy handler, HAProxy and nginx when they
 // are installed, and a direct connection, all against the same loopback
 // backends and by the method of shared/PEERS.md, and writes a Markdown
-// table of the figures, their ratios and issue 4's goals.
+// table of the figures, their ratios and issue 4's goals; then the figures
+// and goals of three scenarios: a TLS passthrough route chosen by SNI,
+// descriptors after slow readers, idle UDP flows.
 //
 // Run it from the repository's root:
 //
-//	go run ./bench            # the full run, 20 to 30 minutes
+//	go run ./bench            # the full run, 30 to 40 minutes
 //	go run ./bench -quick     # a smoke test, about a minute
 //
 // See bench/README.md for what each test does and how to read the table.

@@ -160,10 +160,8 @@ var scenarios = []scenario{
 func ran(results []*peerResult, tests []string) bool {
 	for _, pr := range results {
 		for _, s := range pr.Samples {
-			for _, t := range tests {
-				if s.Test == t {
-					return true
-				}
+			if slices.Contains(tests, s.Test) {
+				return true
 			}
 		}
 	}
