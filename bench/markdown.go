@@ -98,12 +98,17 @@ func renderMarkdown(rep *report) string {
 		m.CPU, m.Cores, m.MemoryGiB, m.OS, m.Kernel, m.Go, m.FDLimit, m.Date, m.LoadAvg, m.LoadAvgEnd)
 	me := rep.Method
 	fmt.Fprintf(&b, "Method (shared/PEERS.md): %s. Each timed test ran %s after a %s warm-up, %d time(s); figures are medians, "+
-		"ratios are to direct measured in the same run. Idle test: %d connections, each after one echoed byte, "+
-		"on a freshly started proxy, its baseline subtracted. CPU is utime+stime of the proxy's processes over the window.",
-		me.Pinning, me.Duration, me.Warmup, me.Repeats, me.IdleConns)
+		"ratios are to direct measured in the same run.", me.Pinning, me.Duration, me.Warmup, me.Repeats)
+	if ran(rep.Peers, []string{idleTest}) {
+		fmt.Fprintf(&b, " Idle test: %d connections, each after one echoed byte, on a freshly started proxy, its baseline subtracted.", me.IdleConns)
+	}
+	if ran(rep.Peers, []string{tlsIdleTest, sniIdleTest}) {
+		fmt.Fprintf(&b, " TLS idle tests: %d connections on each route.", me.IdleConns)
+	}
 	if ran(rep.Peers, []string{udpTest}) {
 		fmt.Fprintf(&b, " UDP test: %d flows.", me.UDPFlows)
 	}
+	b.WriteString(" CPU is utime+stime of the proxy's processes over the window.")
 	if me.Quick {
 		b.WriteString(" **Quick mode: a smoke test, not figures to compare.**")
 	}

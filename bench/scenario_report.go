@@ -347,7 +347,7 @@ func checkScenarioGoals(results []*peerResult) []goal {
 		if extra > fdSlack+0.5 {
 			g.Status = "not met"
 		}
-		g.Detail = fmt.Sprintf("%.2f ≤ 2: %+.0f descriptors beyond 2 per connection over %d connections (%d allowed for the process)",
+		g.Detail = fmt.Sprintf("%.2f ≤ 2: %+.0f beyond two descriptors per connection over %d connections (up to %d allowed for the process)",
 			v, extra, n, fdSlack)
 		goals = append(goals, g)
 	}

@@ -100,8 +100,8 @@ func TestCheckScenarioGoals(t *testing.T) {
 			},
 			details: map[string]string{
 				"SNI route: RSS per idle conn ≤ 1.15× godist's plain route (TLS)": "25000 B ≤ 10350 B (-142%)",
-				"after slow readers, SNI route: fds per idle conn ≤ 2": "3.48 ≤ 2: +74 descriptors beyond 2 per connection " +
-					"over 50 connections (4 allowed for the process)",
+				"after slow readers, SNI route: fds per idle conn ≤ 2": "3.48 ≤ 2: +74 beyond two descriptors per connection " +
+					"over 50 connections (up to 4 allowed for the process)",
 			},
 		},
 		{
