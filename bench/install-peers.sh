@@ -32,5 +32,5 @@ export DEBIAN_FRONTEND=noninteractive
 $sudo apt-get update -qq
 $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
 echo "installed: ${missing[*]}"
-haproxy -v | head -1
+haproxy -v | sed -n 1p # not head: it would end haproxy by SIGPIPE, and pipefail the script
 nginx -v

@@ -5,11 +5,13 @@
 // of its own, next to caddy-l4's proxy handler, HAProxy and nginx when they
 // are installed, and a direct connection, all against the same loopback
 // backends and by the method of shared/PEERS.md, and writes a Markdown
-// table of the figures, their ratios and issue 4's goals.
+// table of the figures, their ratios and issue 4's goals; then the figures
+// and goals of three scenarios: a TLS passthrough route chosen by SNI,
+// descriptors after slow readers, idle UDP flows.
 //
 // Run it from the repository's root:
 //
-//	go run ./bench            # the full run, 20 to 30 minutes
+//	go run ./bench            # the full run, 30 to 40 minutes
 //	go run ./bench -quick     # a smoke test, about a minute
 //
 // See bench/README.md for what each test does and how to read the table.
@@ -26,6 +28,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strings"
 	"syscall"
 	"time"
@@ -37,9 +40,11 @@ type options struct {
 	warmup     time.Duration
 	repeats    int
 	idleConns  int
+	udpFlows   int
 	peers      map[string]bool
 	tests      map[string]bool
 	quick      bool
+	lean       bool // quick without -peers: the scenarios run against godist alone (and caddy-l4 for UDP)
 	outDir     string
 	name       string // of the result files, without extension
 	caddyBin   string
@@ -65,10 +70,11 @@ func parseFlags(args []string) (options, error) {
 	fs.DurationVar(&opt.duration, "duration", 5*time.Second, "measured `time` of each timed test")
 	fs.DurationVar(&opt.warmup, "warmup", 500*time.Millisecond, "warm-up `time` before each measurement")
 	fs.IntVar(&opt.repeats, "repeats", 3, "times each test runs; the tables show medians")
-	fs.IntVar(&opt.idleConns, "idle", 4000, "idle connections held by the idle test")
+	fs.IntVar(&opt.idleConns, "idle", 4000, "idle connections held by the idle test, and by the sni-idle test on each route")
+	fs.IntVar(&opt.udpFlows, "udp-flows", 2000, "UDP flows held by the udp-idle test")
 	peers := fs.String("peers", "all", "comma-separated peers to run, of "+strings.Join(peerIDs, ",")+" (direct always runs)")
-	tests := fs.String("tests", "all", "comma-separated tests to run, of "+strings.Join(append(timedTests, idleTest), ","))
-	fs.BoolVar(&opt.quick, "quick", false, "smoke test: 1s runs, 250ms warm-up, 1 repeat, 500 idle connections; writes quick.md, not latest.md")
+	tests := fs.String("tests", "all", "comma-separated tests to run, of "+strings.Join(allTests(), ",")+", or sni for every sni-* test")
+	fs.BoolVar(&opt.quick, "quick", false, "smoke test: 1s runs, 250ms warm-up, 1 repeat, 500 idle connections, 500 UDP flows, the scenarios against godist alone unless -peers is given; writes quick.md, not latest.md")
 	fs.StringVar(&opt.outDir, "out", "", "`directory` for the result files (default bench/results in the repository)")
 	fs.StringVar(&opt.caddyBin, "caddy", "", "a Caddy `binary` with this module to use instead of building bench/caddy")
 	fs.StringVar(&opt.pprofDir, "pprof", "", "save CPU profiles of Caddy during the first repeat of each timed test, and heap and goroutine profiles with the idle connections open, into `directory`; profiling costs the proxy some CPU")
@@ -103,19 +109,23 @@ func parseFlags(args []string) (options, error) {
 		if !set["idle"] {
 			opt.idleConns = 500
 		}
+		if !set["udp-flows"] {
+			opt.udpFlows = 500
+		}
 		if !set["retries"] {
 			opt.retries = 0
 		}
 		if !set["quiet-wait"] {
 			opt.quietWait = 0
 		}
+		opt.lean = !set["peers"]
 	}
 	var err error
 	if opt.peers, err = parseList(*peers, peerIDs); err != nil {
 		return opt, fmt.Errorf("-peers: %w", err)
 	}
 	opt.peers["direct"] = true // the ratios are to it
-	if opt.tests, err = parseList(*tests, append(timedTests, idleTest)); err != nil {
+	if opt.tests, err = parseList(expandAliases(*tests, testAliases), allTests()); err != nil {
 		return opt, fmt.Errorf("-tests: %w", err)
 	}
 	switch {
@@ -127,10 +137,32 @@ func parseFlags(args []string) (options, error) {
 		return opt, fmt.Errorf("-repeats %d: must be 1 to 100", opt.repeats)
 	case opt.idleConns < 1:
 		return opt, fmt.Errorf("-idle %d: must be at least 1", opt.idleConns)
+	case opt.udpFlows < 1:
+		return opt, fmt.Errorf("-udp-flows %d: must be at least 1", opt.udpFlows)
 	case opt.retries < 0 || opt.retries > 10:
 		return opt, fmt.Errorf("-retries %d: must be 0 to 10", opt.retries)
 	}
 	return opt, nil
+}
+
+// allTests are the names -tests takes, besides aliases.
+func allTests() []string {
+	return append(slices.Clone(timedTests), freshTests...)
+}
+
+// expandAliases replaces each alias in a comma-separated list by the names
+// it stands for.
+func expandAliases(s string, aliases map[string][]string) string {
+	items := strings.Split(s, ",")
+	out := make([]string, 0, len(items))
+	for _, item := range items {
+		if names, ok := aliases[strings.TrimSpace(item)]; ok {
+			out = append(out, names...)
+			continue
+		}
+		out = append(out, item)
+	}
+	return strings.Join(out, ",")
 }
 
 // parseList parses "all" or a comma-separated subset of known.
@@ -233,11 +265,13 @@ type method struct {
 	Warmup    string  `json:"warmup"`
 	Repeats   int     `json:"repeats"`
 	IdleConns int     `json:"idle_conns"`
+	UDPFlows  int     `json:"udp_flows"`
 	Pinning   string  `json:"pinning"`
 	MaxOther  float64 `json:"max_other"`
 	QuietWait string  `json:"quiet_wait"`
 	Retries   int     `json:"retries"`
 	Quick     bool    `json:"quick,omitempty"`
+	Lean      bool    `json:"lean,omitempty"` // the scenarios ran against godist alone (and caddy-l4 for UDP)
 }
 
 func bench(ctx context.Context, opt options) (*report, error) {
@@ -262,6 +296,10 @@ func bench(ctx context.Context, opt options) (*report, error) {
 	if need := uint64(2*opt.idleConns + 500); limit < need {
 		return nil, fmt.Errorf("descriptor limit %d is too low for %d idle connections (needs %d): lower -idle", limit, opt.idleConns, need)
 	}
+	// A socket for each UDP flow here, and one in the proxy.
+	if need := uint64(opt.udpFlows + 500); limit < need {
+		return nil, fmt.Errorf("descriptor limit %d is too low for %d UDP flows (needs %d): lower -udp-flows", limit, opt.udpFlows, need)
+	}
 
 	rep := &report{Command: commandLine(), Machine: describeMachine(limit)}
 
@@ -283,7 +321,7 @@ func bench(ctx context.Context, opt options) (*report, error) {
 	logf("%s", pin.note)
 	rep.Method = method{
 		Duration: opt.duration.String(), Warmup: opt.warmup.String(), Repeats: opt.repeats,
-		IdleConns: opt.idleConns, Pinning: pin.note, MaxOther: opt.maxOther, QuietWait: opt.quietWait.String(), Retries: opt.retries, Quick: opt.quick,
+		IdleConns: opt.idleConns, UDPFlows: opt.udpFlows, Pinning: pin.note, MaxOther: opt.maxOther, QuietWait: opt.quietWait.String(), Retries: opt.retries, Quick: opt.quick, Lean: opt.lean,
 	}
 
 	bs, err := startBackends()
@@ -329,23 +367,39 @@ func bench(ctx context.Context, opt options) (*report, error) {
 		return filepath.Join(opt.pprofDir, p.ID+"-"+what)
 	}
 
-	// The idle test first, each on a freshly started proxy: memory that a
+	// The idle tests first, each on a freshly started proxy: memory that a
 	// Go process freed earlier, or that another peer in the same Caddy
-	// freed, would otherwise be reused and hide the cost.
-	if opt.tests[idleTest] {
-		for repeat := range opt.repeats {
-			logf("idle connections, repeat %d/%d", repeat+1, opt.repeats)
-			for i, p := range peers {
-				if p.skip != "" || p.srv == nil || ctx.Err() != nil {
-					continue
-				}
-				if err := p.srv.restart(pin); err != nil {
-					record(i, repeat, idleTest, sample{}, err)
-					continue
-				}
-				s, err := r.idle(ctx, p, opt.idleConns, profile(p, repeat, "idle.heap.pprof"))
-				record(i, repeat, idleTest, s, err)
+	// freed, would otherwise be reused and hide the cost. Repeats
+	// outermost, as for the timed tests.
+	dirty := map[*server]bool{} // holding UDP flows that outlive their test
+	for repeat := range opt.repeats {
+		for _, test := range freshTests {
+			if !opt.tests[test] {
+				continue
 			}
+			logf("%s, repeat %d/%d", freshTitles[test], repeat+1, opt.repeats)
+			for i, p := range peers {
+				if p.skip != "" || p.srv == nil || !r.runs(p, test) || ctx.Err() != nil {
+					continue
+				}
+				for _, run := range r.freshRuns(ctx, p, test, func(what string) string { return profile(p, repeat, what) }) {
+					if err := p.srv.restart(pin); err != nil {
+						record(i, repeat, run.test, sample{}, err)
+						continue
+					}
+					delete(dirty, p.srv)
+					s, err := run.run()
+					record(i, repeat, run.test, s, err)
+					if test == udpTest {
+						dirty[p.srv] = true
+					}
+				}
+			}
+		}
+	}
+	for srv := range dirty {
+		if err := srv.restart(pin); err != nil {
+			return nil, fmt.Errorf("restarting %s after the UDP flows: %w", srv.name, err)
 		}
 	}
 
@@ -359,7 +413,7 @@ func bench(ctx context.Context, opt options) (*report, error) {
 				continue
 			}
 			for _, test := range timedTests {
-				if !opt.tests[test] || ctx.Err() != nil {
+				if !opt.tests[test] || !r.runs(p, test) || ctx.Err() != nil {
 					continue
 				}
 				if p.srv != nil && !p.srv.alive() {
@@ -407,7 +461,7 @@ func bench(ctx context.Context, opt options) (*report, error) {
 		pr.computeFigures()
 	}
 	rep.Peers = results
-	rep.Goals = checkGoals(results)
+	rep.Goals = append(checkGoals(results), checkScenarioGoals(results)...)
 	md := renderMarkdown(rep)
 	fmt.Print(md)
 	if err := writeResults(opt, rep, md); err != nil {
@@ -437,7 +491,7 @@ func busiestOther(s sample) (string, float64) {
 func brief(s sample) string {
 	var b strings.Builder
 	switch {
-	case s.Bytes > 0:
+	case s.Bytes > 0 && s.IdleConns == 0:
 		v, _ := mbps(s)
 		fmt.Fprintf(&b, "%6.0f MB/s", v)
 	case s.Conns > 0:
@@ -447,8 +501,20 @@ func brief(s sample) string {
 	case s.IdleConns > 0:
 		fmt.Fprintf(&b, "%d conns: RSS %+.0f B/conn, fds %+.2f/conn", s.IdleConns,
 			float64(s.RSS-s.RSSBase)/float64(s.IdleConns), float64(s.FDs-s.FDsBase)/float64(s.IdleConns))
+		if s.Downloaded > 0 {
+			fmt.Fprintf(&b, " (after %.1f MiB each in %.1fs)", float64(s.Downloaded)/(1<<20), s.Seconds)
+		}
+	case s.Flows > 0:
+		fmt.Fprintf(&b, "%d UDP flows: RSS %+.0f B/flow, fds %+.2f/flow", s.Flows,
+			float64(s.RSS-s.RSSBase)/float64(s.Flows), float64(s.FDs-s.FDsBase)/float64(s.Flows))
+		if s.Go != nil && s.GoLoaded != nil {
+			fmt.Fprintf(&b, ", heap %+.0f B/flow, stack %+.0f B/flow, goroutines %+.2f/flow",
+				float64(s.GoLoaded.HeapAlloc-s.Go.HeapAlloc)/float64(s.Flows),
+				float64(s.GoLoaded.StackInuse-s.Go.StackInuse)/float64(s.Flows),
+				float64(s.GoLoaded.Goroutines-s.Go.Goroutines)/float64(s.Flows))
+		}
 	}
-	if s.Seconds > 0 && s.IdleConns == 0 {
+	if s.Seconds > 0 && s.IdleConns == 0 && s.Flows == 0 {
 		fmt.Fprintf(&b, "  proxy %.2f cores, load %.2f", s.ProxyCPU/s.Seconds, s.LoadCPU/s.Seconds)
 	}
 	if name, other := busiestOther(s); other > 0.02 {

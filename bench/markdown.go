@@ -98,9 +98,17 @@ func renderMarkdown(rep *report) string {
 		m.CPU, m.Cores, m.MemoryGiB, m.OS, m.Kernel, m.Go, m.FDLimit, m.Date, m.LoadAvg, m.LoadAvgEnd)
 	me := rep.Method
 	fmt.Fprintf(&b, "Method (shared/PEERS.md): %s. Each timed test ran %s after a %s warm-up, %d time(s); figures are medians, "+
-		"ratios are to direct measured in the same run. Idle test: %d connections, each after one echoed byte, "+
-		"on a freshly started proxy, its baseline subtracted. CPU is utime+stime of the proxy's processes over the window.",
-		me.Pinning, me.Duration, me.Warmup, me.Repeats, me.IdleConns)
+		"ratios are to direct measured in the same run.", me.Pinning, me.Duration, me.Warmup, me.Repeats)
+	if ran(rep.Peers, []string{idleTest}) {
+		fmt.Fprintf(&b, " Idle test: %d connections, each after one echoed byte, on a freshly started proxy, its baseline subtracted.", me.IdleConns)
+	}
+	if ran(rep.Peers, []string{tlsIdleTest, sniIdleTest}) {
+		fmt.Fprintf(&b, " TLS idle tests: %d connections on each route.", me.IdleConns)
+	}
+	if ran(rep.Peers, []string{udpTest}) {
+		fmt.Fprintf(&b, " UDP test: %d flows.", me.UDPFlows)
+	}
+	b.WriteString(" CPU is utime+stime of the proxy's processes over the window.")
 	if me.Quick {
 		b.WriteString(" **Quick mode: a smoke test, not figures to compare.**")
 	}
@@ -116,6 +124,26 @@ func renderMarkdown(rep *report) string {
 		b.WriteString("Not measured:\n" + strings.Join(skipped, "\n") + "\n\n")
 	}
 
+	if ran(rep.Peers, issue4Tests) {
+		b.WriteString(issue4Sections(rep))
+	}
+	b.WriteString(scenarioSections(rep))
+
+	notes := runNotes(rep)
+	if len(notes) > 0 {
+		b.WriteString("\n## Notes\n\n- " + strings.Join(notes, "\n- ") + "\n")
+	}
+	return b.String()
+}
+
+// issue4Tests are the tests of the issue 4 tables; a run without any (of
+// the scenarios alone, say) leaves them out.
+var issue4Tests = []string{"up1", "up8", "down1", "down8", "connrate", "pingpong", idleTest}
+
+// issue4Sections are the tables of issue 4's tests and its goals.
+func issue4Sections(rep *report) string {
+	var b strings.Builder
+	me := rep.Method
 	b.WriteString("## Figures (medians)\n\n")
 	b.WriteString(figuresTable(rep.Peers))
 	fmt.Fprintf(&b, "\n## Spread (min–max over %d repeats)\n\n", me.Repeats)
@@ -138,7 +166,7 @@ func renderMarkdown(rep *report) string {
 	}
 
 	b.WriteString("\n## Goals (issue 4)\n\nGodist's medians against the other peers' in this run; differences under 15% are noise (PEERS.md).\n\n")
-	b.WriteString(goalsSection(rep.Goals))
+	b.WriteString(goalsSection(issue4Goals(rep.Goals)))
 
 	b.WriteString("\n## Cores used, and what a small message costs\n\n" +
 		"CPU time over the window divided by its length: a core near 1.00 limited the test. " +
@@ -159,11 +187,18 @@ func renderMarkdown(rep *report) string {
 		fmt.Fprintf(&b, "| %s | %s |\n", pr.Label, strings.Join(cells, " | "))
 	}
 
-	notes := runNotes(rep)
-	if len(notes) > 0 {
-		b.WriteString("\n## Notes\n\n- " + strings.Join(notes, "\n- ") + "\n")
-	}
 	return b.String()
+}
+
+// issue4Goals are the goals of issue 4, without the scenarios'.
+func issue4Goals(goals []goal) []goal {
+	var out []goal
+	for _, g := range goals {
+		if g.Section == "" {
+			out = append(out, g)
+		}
+	}
+	return out
 }
 
 // runNotes lists what may have spoiled figures: failed tests, errors, other

@@ -12,6 +12,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"time"
 )
@@ -27,6 +28,38 @@ type peer struct {
 	srv   *server
 	front map[backendKind]string // where the load tool connects for each backend kind
 	skip  string                 // why it is not measured, if it is not
+
+	// The scenarios' routes, on the peers that run them (scenarioPeers):
+	// front also holds a plain route to the hold and to the TLS echo
+	// backend.
+	sniFront string // one listener that picks a TLS backend by server name; direct has none
+	udpFront string // a UDP listener to the UDP echo backend; empty without UDP
+}
+
+// scenarioPeers are the peers the SNI, slow-reader and UDP scenarios run
+// on; godist's three-upstream config would only repeat godist's figures.
+var scenarioPeers = map[string]bool{"direct": true, "godist": true, "caddy-l4": true, "haproxy-splice": true, "haproxy": true, "nginx": true}
+
+// scenarioKinds are the backends the scenarios reach by a plain route: the
+// slow readers' downloads, and the TLS echo (TLS idle connections, with no
+// matcher in the way).
+var scenarioKinds = []backendKind{kindHold, kindTLSEcho}
+
+// unsupported says why the peer does not run a test, or "" if it does.
+func (p *peer) unsupported(test string) string { return unsupportedBy(p.ID, test) }
+
+// unsupportedBy says why the peer of that ID does not run a test, or "" if
+// it does.
+func unsupportedBy(id, test string) string {
+	switch {
+	case !isScenarioTest(test):
+		return ""
+	case !scenarioPeers[id]:
+		return "not run: it would repeat godist's figures"
+	case test == udpTest && strings.HasPrefix(id, "haproxy"):
+		return "HAProxy proxies no UDP"
+	}
+	return ""
 }
 
 // server is a proxy process; one Caddy serves several peers.
@@ -109,18 +142,50 @@ func freePort() (string, error) {
 	return ln.Addr().String(), nil
 }
 
-// frontPorts picks a listen address for each backend kind.
-func frontPorts() (map[backendKind]string, error) {
+// freeUDPPort returns a loopback UDP address whose port was free a moment
+// ago.
+func freeUDPPort() (string, error) {
+	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		return "", err
+	}
+	defer pc.Close()
+	return pc.LocalAddr().String(), nil
+}
+
+// frontPorts picks a listen address for each backend kind, and for the
+// scenarios' routes when the peer runs them.
+func frontPorts(p *peer, udp bool) (map[backendKind]string, error) {
+	kinds := backendKinds
+	if scenarioPeers[p.ID] {
+		kinds = append(slices.Clone(backendKinds), scenarioKinds...)
+	}
 	m := make(map[backendKind]string)
-	for _, k := range []backendKind{kindEcho, kindSink, kindSource} {
+	for _, k := range kinds {
 		a, err := freePort()
 		if err != nil {
 			return nil, err
 		}
 		m[k] = a
 	}
+	if !scenarioPeers[p.ID] {
+		return m, nil
+	}
+	var err error
+	if p.sniFront, err = freePort(); err != nil {
+		return nil, err
+	}
+	if udp {
+		if p.udpFront, err = freeUDPPort(); err != nil {
+			return nil, err
+		}
+	}
 	return m, nil
 }
+
+// udpFlowTimeout is how long the proxies keep a silent UDP flow: longer
+// than the UDP test holds its flows (caddy-l4's default is 30s).
+const udpFlowTimeout = "5m"
 
 var backendKinds = []backendKind{kindEcho, kindSink, kindSource}
 
@@ -135,7 +200,7 @@ func setupPeers(want map[string]bool, bs *backends, caddyBin, tmp string) ([]*pe
 	var servers []*server
 
 	direct := &peer{ID: "direct", Label: "direct", front: map[backendKind]string{}}
-	for _, k := range backendKinds {
+	for _, k := range append(slices.Clone(backendKinds), scenarioKinds...) {
 		direct.front[k] = bs.of(k).addrs[0]
 	}
 	peers = append(peers, direct)
@@ -232,29 +297,53 @@ func caddyServer(peers []*peer, bs *backends, bin, dir string) (*server, error) 
 	srv := &server{name: "caddy", dir: dir, logPath: filepath.Join(dir, "caddy.log"), admin: admin, env: proxyEnv(dir)}
 	servers := map[string]any{}
 	for _, p := range peers {
-		if p.front, err = frontPorts(); err != nil {
+		if p.front, err = frontPorts(p, true); err != nil {
 			return nil, err
 		}
 		p.srv = srv
-		for _, k := range backendKinds {
-			var handler map[string]any
+		// handler proxies to one address; network is caddy-l4's prefix
+		// ("udp/"), which godist takes from its listener.
+		handler := func(addr, network string) map[string]any {
+			if p.ID == "caddy-l4" {
+				return map[string]any{"handler": "proxy", "upstreams": []any{map[string]any{"dial": []string{network + addr}}}}
+			}
+			return map[string]any{"handler": "godist", "upstreams": []any{map[string]any{"dial": addr}}}
+		}
+		route := func(h map[string]any) map[string]any { return map[string]any{"handle": []any{h}} }
+		for k, front := range p.front {
+			var h map[string]any
 			switch p.ID {
-			case "godist":
-				handler = map[string]any{"handler": "godist", "upstreams": []any{map[string]any{"dial": bs.of(k).addrs[0]}}}
 			case "godist3":
 				ups := make([]any, 0, len(bs.of(k).addrs))
 				for _, a := range bs.of(k).addrs {
 					ups = append(ups, map[string]any{"dial": a})
 				}
-				handler = map[string]any{"handler": "godist", "upstreams": ups}
-			case "caddy-l4":
-				handler = map[string]any{"handler": "proxy", "upstreams": []any{map[string]any{"dial": []string{bs.of(k).addrs[0]}}}}
+				h = map[string]any{"handler": "godist", "upstreams": ups}
+			default:
+				h = handler(bs.of(k).addrs[0], "")
 			}
-			servers[p.ID+"-"+string(k)] = map[string]any{
-				"listen": []string{p.front[k]},
-				"routes": []any{map[string]any{"handle": []any{handler}}},
+			servers[p.ID+"-"+string(k)] = map[string]any{"listen": []string{front}, "routes": []any{route(h)}}
+			srv.ports = append(srv.ports, front)
+		}
+		if p.sniFront != "" {
+			// A route per server name, as a user writes them: caddy-l4's
+			// tls matcher reads the ClientHello, the first route whose
+			// sni matches proxies the connection.
+			routes := make([]any, 0, len(tlsKinds))
+			for _, k := range tlsKinds {
+				r := route(handler(bs.of(k).addrs[0], ""))
+				r["match"] = []any{map[string]any{"tls": map[string]any{"sni": []string{sniNames[k]}}}}
+				routes = append(routes, r)
 			}
-			srv.ports = append(srv.ports, p.front[k])
+			servers[p.ID+"-sni"] = map[string]any{"listen": []string{p.sniFront}, "routes": routes}
+			srv.ports = append(srv.ports, p.sniFront)
+		}
+		if p.udpFront != "" {
+			servers[p.ID+"-udp"] = map[string]any{
+				"listen":       []string{"udp/" + p.udpFront},
+				"idle_timeout": udpFlowTimeout,
+				"routes":       []any{route(handler(bs.udpEcho.addr, "udp/"))},
+			}
 		}
 	}
 	cfg := map[string]any{
@@ -329,14 +418,24 @@ func haproxyServer(p *peer, bs *backends, dir string, splice bool) (*server, err
 		b.WriteString("\toption splice-request\n\toption splice-response\n")
 	}
 	var err error
-	if p.front, err = frontPorts(); err != nil {
+	if p.front, err = frontPorts(p, false); err != nil {
 		return nil, err
 	}
 	p.srv = srv
-	for _, k := range backendKinds {
+	for _, k := range append(slices.Clone(backendKinds), scenarioKinds...) {
 		fmt.Fprintf(&b, "\nlisten %s\n\tbind %s\n\tserver %s %s\n", k, p.front[k], k, bs.of(k).addrs[0])
 		srv.ports = append(srv.ports, p.front[k])
 	}
+	// The SNI route: wait for the ClientHello, then pick the backend by
+	// the name in it.
+	fmt.Fprintf(&b, "\nfrontend sni\n\tbind %s\n\ttcp-request inspect-delay 5s\n\ttcp-request content accept if { req.ssl_hello_type 1 }\n", p.sniFront)
+	for _, k := range tlsKinds {
+		fmt.Fprintf(&b, "\tuse_backend sni-%s if { req.ssl_sni -i %s }\n", k, sniNames[k])
+	}
+	for _, k := range tlsKinds {
+		fmt.Fprintf(&b, "\nbackend sni-%s\n\tserver %s %s\n", k, k, bs.of(k).addrs[0])
+	}
+	srv.ports = append(srv.ports, p.sniFront)
 	path := filepath.Join(dir, "haproxy.cfg")
 	if err := os.WriteFile(path, []byte(b.String()), 0o644); err != nil {
 		return nil, err
@@ -390,14 +489,27 @@ func nginxServer(p *peer, bs *backends, bin string, loadModule bool, dir string)
 		filepath.Join(dir, "nginx.pid"), filepath.Join(dir, "logs", "error.log"))
 	b.WriteString("events {\n\tworker_connections 9000;\n}\nstream {\n")
 	var err error
-	if p.front, err = frontPorts(); err != nil {
+	if p.front, err = frontPorts(p, true); err != nil {
 		return nil, err
 	}
 	p.srv = srv
-	for _, k := range backendKinds {
+	for _, k := range append(slices.Clone(backendKinds), scenarioKinds...) {
 		fmt.Fprintf(&b, "\tserver {\n\t\tlisten %s;\n\t\tproxy_pass %s;\n\t}\n", p.front[k], bs.of(k).addrs[0])
 		srv.ports = append(srv.ports, p.front[k])
 	}
+	// The SNI route: ssl_preread reads the ClientHello, a map picks the
+	// backend by the name in it.
+	b.WriteString("\tmap $ssl_preread_server_name $sni_backend {\n")
+	for _, k := range tlsKinds {
+		fmt.Fprintf(&b, "\t\t%s %s;\n", sniNames[k], bs.of(k).addrs[0])
+	}
+	b.WriteString("\t}\n")
+	fmt.Fprintf(&b, "\tserver {\n\t\tlisten %s;\n\t\tssl_preread on;\n\t\tproxy_pass $sni_backend;\n\t}\n", p.sniFront)
+	srv.ports = append(srv.ports, p.sniFront)
+	// UDP: a session per client address, kept while datagrams come
+	// within proxy_timeout.
+	fmt.Fprintf(&b, "\tserver {\n\t\tlisten %s udp;\n\t\tproxy_pass %s;\n\t\tproxy_timeout %s;\n\t}\n",
+		p.udpFront, bs.udpEcho.addr, udpFlowTimeout)
 	b.WriteString("}\n")
 	path := filepath.Join(dir, "nginx.conf")
 	if err := os.WriteFile(path, []byte(b.String()), 0o644); err != nil {

@@ -154,6 +154,44 @@ func treeMemory(pid int) (rss int64, fds int, err error) {
 	return rss, fds, nil
 }
 
+// fdKinds counts the open descriptors of pid and its descendants by kind:
+// what each links to in /proc/<pid>/fd, "socket", "pipe", an anon_inode's
+// name ("eventpoll", "eventfd", ...), or "file".
+func fdKinds(pid int) (map[string]int, error) {
+	kinds := map[string]int{}
+	for i, p := range processTree(pid) {
+		dir := fmt.Sprintf("/proc/%d/fd", p)
+		entries, err := os.ReadDir(dir)
+		if err != nil {
+			if i == 0 {
+				return nil, fmt.Errorf("process %d: %w", pid, err)
+			}
+			continue
+		}
+		for _, e := range entries {
+			target, err := os.Readlink(filepath.Join(dir, e.Name()))
+			if err != nil {
+				continue // closed meanwhile
+			}
+			kinds[fdKind(target)]++
+		}
+	}
+	return kinds, nil
+}
+
+// fdKind names the kind of a descriptor from its link in /proc/<pid>/fd:
+// "socket:[123]" → socket, "pipe:[123]" → pipe, "anon_inode:[eventpoll]"
+// → eventpoll, "anon_inode:inotify" → inotify, a path → file.
+func fdKind(target string) string {
+	if name, ok := strings.CutPrefix(target, "anon_inode:"); ok {
+		return strings.Trim(name, "[]")
+	}
+	if kind, _, ok := strings.Cut(target, ":["); ok && !strings.HasPrefix(target, "/") {
+		return kind
+	}
+	return "file"
+}
+
 // cpuTimes is one CPU's line of /proc/stat, in clock ticks.
 type cpuTimes struct {
 	task  uint64 // user, nice and system: time charged to processes

@@ -112,7 +112,7 @@ type peerResult struct {
 // and no figure.
 func (pr *peerResult) computeFigures() {
 	pr.Figures = map[string]stat{}
-	for _, m := range metrics {
+	for _, m := range slices.Concat(metrics, scenarioMetrics) {
 		if m.proxy && pr.ID == "direct" {
 			continue
 		}
@@ -296,12 +296,13 @@ const noise = 0.15
 
 // goal is one of issue 4's goals, checked on this run's medians.
 type goal struct {
-	Text   string  `json:"text"`
-	Status string  `json:"status"` // "met", "not met", "not measured"
-	Value  float64 `json:"value,omitempty"`
-	Bound  float64 `json:"bound,omitempty"`
-	Margin float64 `json:"margin,omitempty"` // how far inside (+) or outside (-) the bound, as a fraction of it
-	Detail string  `json:"detail"`
+	Section string  `json:"section,omitempty"` // "" for issue 4's goals, else the scenario's
+	Text    string  `json:"text"`
+	Status  string  `json:"status"` // "met", "not met", "not measured"
+	Value   float64 `json:"value,omitempty"`
+	Bound   float64 `json:"bound,omitempty"`
+	Margin  float64 `json:"margin,omitempty"` // how far inside (+) or outside (-) the bound, as a fraction of it
+	Detail  string  `json:"detail"`
 }
 
 // checkGoals checks issue 4's goals for godist against the other peers of
@@ -339,24 +340,7 @@ func checkGoals(results []*peerResult) []goal {
 			goals = append(goals, g)
 			return
 		}
-		g.Value, g.Bound = v, ref*factor
-		if atLeast {
-			g.Margin = (g.Value - g.Bound) / g.Bound
-		} else {
-			g.Margin = (g.Bound - g.Value) / g.Bound
-		}
-		g.Status = "met"
-		if g.Margin < 0 {
-			g.Status = "not met"
-		}
-		rel := "≥"
-		if !atLeast {
-			rel = "≤"
-		}
-		g.Detail = fmt.Sprintf("%s %s %s (%+.0f%%)", fmtGoal(g.Value, unit), rel, fmtGoal(g.Bound, unit), 100*g.Margin)
-		if math.Abs(g.Margin) < noise {
-			g.Detail += ", within noise"
-		}
+		judge(&g, v, ref*factor, atLeast, unit)
 		goals = append(goals, g)
 	}
 	for _, k := range []string{"up1", "up8", "down1", "down8"} {
@@ -393,6 +377,29 @@ func checkGoals(results []*peerResult) []goal {
 	goals = append(goals, fd)
 	check("RSS per idle conn ≤ 1/3 caddy-l4", "rss_idle", "caddy-l4", 1.0/3, false, "B")
 	return goals
+}
+
+// judge sets a goal's status, margin and detail from its value and bound:
+// value ≥ bound when atLeast, else value ≤ bound.
+func judge(g *goal, value, bound float64, atLeast bool, unit string) {
+	g.Value, g.Bound = value, bound
+	if atLeast {
+		g.Margin = (g.Value - g.Bound) / g.Bound
+	} else {
+		g.Margin = (g.Bound - g.Value) / g.Bound
+	}
+	g.Status = "met"
+	if g.Margin < 0 {
+		g.Status = "not met"
+	}
+	rel := "≥"
+	if !atLeast {
+		rel = "≤"
+	}
+	g.Detail = fmt.Sprintf("%s %s %s (%+.0f%%)", fmtGoal(g.Value, unit), rel, fmtGoal(g.Bound, unit), 100*g.Margin)
+	if math.Abs(g.Margin) < noise {
+		g.Detail += ", within noise"
+	}
 }
 
 func fmtGoal(v float64, unit string) string {

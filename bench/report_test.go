@@ -141,6 +141,33 @@ func TestParseFlags(t *testing.T) {
 				t.Fatalf("peers = %v", o.peers)
 			}
 		}},
+		{name: "quick runs the scenarios lean", args: []string{"-quick"}, check: func(t *testing.T, o options) {
+			if !o.lean || o.udpFlows != 500 {
+				t.Fatalf("quick: lean %v, udp flows %d; want lean, 500", o.lean, o.udpFlows)
+			}
+		}},
+		{name: "quick with peers is not lean", args: []string{"-quick", "-peers", "godist,haproxy"}, check: func(t *testing.T, o options) {
+			if o.lean {
+				t.Fatal("quick -peers is lean")
+			}
+		}},
+		{name: "full run", args: []string{"-udp-flows", "100"}, check: func(t *testing.T, o options) {
+			if o.lean || o.udpFlows != 100 || len(o.tests) != len(allTests()) {
+				t.Fatalf("lean %v, udp flows %d, %d tests", o.lean, o.udpFlows, len(o.tests))
+			}
+		}},
+		{name: "the sni alias", args: []string{"-tests", "sni,udp-idle"}, check: func(t *testing.T, o options) {
+			want := []string{"sni-up", "sni-down", "sni-connrate", "sni-idle", "udp-idle"}
+			for _, w := range want {
+				if !o.tests[w] {
+					t.Errorf("tests lack %s: %v", w, o.tests)
+				}
+			}
+			if len(o.tests) != len(want) {
+				t.Errorf("tests = %v, want %v", o.tests, want)
+			}
+		}},
+		{name: "no UDP flow", args: []string{"-udp-flows", "0"}, wantErr: "-udp-flows 0: must be at least 1"},
 		{name: "unknown peer", args: []string{"-peers", "envoy"}, wantErr: `-peers: unknown "envoy"`},
 		{name: "unknown test", args: []string{"-tests", "up2"}, wantErr: `-tests: unknown "up2"`},
 		{name: "short duration", args: []string{"-duration", "10ms"}, wantErr: "-duration 10ms: must be at least 100ms"},
