@@ -23,9 +23,12 @@ go run github.com/caddyserver/xcaddy/cmd/xcaddy@v0.4.5 build v2.11.9 \
 	--with github.com/bcca9c24/caddy-godist@v0.0.0=. --output "$caddy"
 
 echo "--- list-modules"
-"$caddy" list-modules | grep -qx 'layer4.handlers.godist' || fail "layer4.handlers.godist not in list-modules"
-
-"$caddy" list-modules | grep -qx 'layer4.proxy.selection_policies.godist' || fail "layer4.proxy.selection_policies.godist not in list-modules"
+# Into a file, not a pipe: under pipefail, grep -q ending first would fail
+# the step by SIGPIPE whenever Caddy is still writing.
+"$caddy" list-modules > "$work/modules.txt" || fail "caddy list-modules"
+for module in layer4.handlers.godist layer4.proxy.selection_policies.godist admin.api.godist; do
+	grep -qx "$module" "$work/modules.txt" || fail "$module not in list-modules"
+done
 
 echo "--- caddy adapt --adapter godist on an unchanged godist.conf"
 "$caddy" adapt --adapter godist --config examples/godist.conf > "$work/godist.json" || fail "adapting examples/godist.conf"
@@ -38,7 +41,7 @@ grep -q '"handler":"godist"' "$work/example.json" || fail "adapted example has n
 echo "--- a bad Caddyfile is refused with its line"
 printf '{\n\tlayer4 {\n\t\t127.0.0.1:9 {\n\t\t\troute {\n\t\t\t\tgodist 127.0.0.1:1 {\n\t\t\t\t\tweight 2\n\t\t\t\t}\n\t\t\t}\n\t\t}\n\t}\n}\n' > "$work/bad.Caddyfile"
 if out=$("$caddy" adapt --config "$work/bad.Caddyfile" 2>&1); then fail "bad Caddyfile adapted"; fi
-echo "$out" | grep -q "unrecognized subdirective 'weight', at .*bad.Caddyfile:6" || fail "unexpected error for a bad Caddyfile: $out"
+grep -q "unrecognized subdirective 'weight', at .*bad.Caddyfile:6" <<<"$out" || fail "unexpected error for a bad Caddyfile: $out"
 
 echo "--- run the example"
 HOME="$work/home" XDG_CONFIG_HOME="$work/home" XDG_DATA_HOME="$work/home" "$caddy" run --config examples/Caddyfile > "$work/caddy.log" 2>&1 &
@@ -73,7 +76,6 @@ for _ in $(seq 1 10); do
 done
 echo "hash_key ip kept 11 connections on one backend: $first"
 
-"$caddy" list-modules | grep -qx 'admin.api.godist' || fail "admin.api.godist not in list-modules"
 echo "--- the godist admin API"
 get() { curl -sS -m 5 -o "$work/api.out" -D "$work/api.hdr" -w '%{http_code}' "$@"; }
 has() { grep -q -- "$1" "$work/api.out" || fail "$2: no '$1' in: $(cat "$work/api.out")"; }
@@ -83,7 +85,7 @@ for port in 4000 4001 4002; do
 	has "\"dial\":\"localhost:$port\",\"weight\":[12],\"max_connections\":0,\"health\":{\"status\":\"up\"" /godist/upstreams
 done
 # counts are per upstream, shared by both handlers and kept over the reload: 30 connections on 8080, 11 on 8081
-total=$(grep -o '"totals":{"connections":[0-9]*' "$work/api.out" | head -3 | awk -F: '{s += $3} END {print s}')
+total=$(grep -o '"totals":{"connections":[0-9]*' "$work/api.out" | awk -F: 'NR <= 3 {s += $3} END {print s}')
 [ "$total" = 41 ] || fail "/godist/upstreams counts $total connections, 41 were sent: $(cat "$work/api.out")"
 code=$(get "http://$admin/godist/fingerprint"); [ "$code" = 200 ] || fail "GET /godist/fingerprint answered $code"
 has '"fingerprint":"a81d3cd816205018","hash_version":"hrw-xxhash64-v1","hash_key":"ip_port"' /godist/fingerprint
@@ -105,7 +107,7 @@ echo "the godist admin API answers"
 
 echo "--- metrics on the admin endpoint"
 curl -fsS -m 5 "http://$admin/metrics" > "$work/metrics.out" || fail "GET /metrics"
-grep -q '^caddy_layer4_godist_upstream_connections_total{upstream="localhost:4000"} [0-9]' "$work/metrics.out" || fail "no godist metrics: $(grep godist "$work/metrics.out" | head)"
+grep -q '^caddy_layer4_godist_upstream_connections_total{upstream="localhost:4000"} [0-9]' "$work/metrics.out" || fail "no godist metrics: $(grep -m 10 godist "$work/metrics.out")"
 grep -q '^caddy_layer4_godist_upstream_healthy{upstream="localhost:4001"} 1' "$work/metrics.out" || fail "no healthy gauge"
 echo "godist metrics are on /metrics"
 
