@@ -230,3 +230,50 @@ func TestMatcherRoutesGetTheFastPath(t *testing.T) {
 		conn.Close()
 	}
 }
+
+// TestIdleConnectionsHoldNoGoroutine checks the handoff: a plain TCP
+// client, with or without a matcher in front, is piped through a
+// duplicate of its socket, and caddy-l4's goroutine returns, so that an
+// idle connection holds no goroutine at all in Caddy (its flows are
+// parked). Only the test's own echo backend keeps one per connection.
+func TestIdleConnectionsHoldNoGoroutine(t *testing.T) {
+	checkNoLeaks(t)
+	echoBe := startBackend(t, "echo", "", echo)
+	plain := godistRoute(map[string]any{"upstreams": upstreamsJSON(echoBe.addr)})
+	sshRoute := godistRoute(map[string]any{"upstreams": upstreamsJSON(echoBe.addr)})
+	sshRoute["match"] = []any{map[string]any{"ssh": map[string]any{}}}
+	c := startCaddyRoutes(t, "tcp", []map[string]any{sshRoute, plain})
+	time.Sleep(100 * time.Millisecond)
+	base := ownGoroutines()
+
+	const n = 40
+	conns := make([]*net.TCPConn, 0, n)
+	for i := range n {
+		conn := c.dial(t)
+		conns = append(conns, conn)
+		msg := []byte("hello")
+		if i%2 == 0 {
+			msg = []byte("SSH-2.0-OpenSSH_9.6 godist-test\r\n")
+		}
+		if got, err := exchange(conn, msg); err != nil || !bytes.Equal(got, msg) {
+			t.Fatalf("connection %d: %q, %v", i, got, err)
+		}
+	}
+	eventually(t, 5*time.Second, "the idle connections parked", func() error {
+		if p := parkedFlows(); p != 2*n {
+			return fmt.Errorf("%d flows parked, want %d", p, 2*n)
+		}
+		return nil
+	})
+	// The echo backend holds one goroutine per connection; Caddy none.
+	if grew := ownGoroutines() - base; grew > n+4 {
+		t.Errorf("%d goroutines more for %d idle connections: Caddy keeps about %d per connection, want none",
+			grew, n, (grew-n+n/2)/n)
+	}
+	for _, conn := range conns {
+		if got, err := exchange(conn, []byte("still there")); err != nil || string(got) != "still there" {
+			t.Fatalf("an idle handed-off connection: %q, %v", got, err)
+		}
+		conn.Close()
+	}
+}

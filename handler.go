@@ -23,30 +23,33 @@ import (
 // ways until both sides are done. It never returns an error for caddy-l4
 // to log: it logs what went wrong itself, rate-limited.
 //
-// This goroutine lives as long as the connection and mostly waits, so what
-// it does itself is kept shallow: its stack is what an idle connection
-// costs. The deep work (dialling, logging) happens in calls that return
-// before the waiting starts, or on a goroutine of its own.
+// A plain TCP client (the usual case, with or without matchers) is handed
+// off: its socket is duplicated, the engine pipes the duplicate, and
+// Handle returns at once, so that caddy-l4's goroutine, its stack and its
+// per-connection state are given back while the connection lives on; an
+// idle connection then holds its two sockets and the session, nothing
+// more. Any other client (UDP, TLS terminated by caddy-l4, a decoded PROXY
+// header) stays with this goroutine, which waits until the session ends,
+// since caddy-l4 closes the connection when Handle returns.
 func (h *Handler) Handle(down *layer4.Connection, _ layer4.Handler) error {
 	if !h.admit(down) {
 		return nil
 	}
-	defer h.leave()
-
-	start := time.Now()
 	// One allocation holds the session, the dial's outcome and the pipe.
-	s := &session{h: h, down: down}
+	s := &session{h: h, down: down, client: down.RemoteAddr(), start: time.Now()}
 	s.connect()
 	if s.up == nil {
+		h.leave()
 		return nil
 	}
-	defer s.upstream.release()
-	defer func() { _ = s.up.Close() }()
-
 	h.sessions.add(s)
+	if s.detach() {
+		s.run()
+		return nil
+	}
+	s.waiting.Add(1)
 	s.run()
-	h.sessions.remove(s)
-	h.connectionEnded(s, start)
+	s.waiting.Wait()
 	return nil
 }
 
@@ -144,7 +147,7 @@ func (s *session) establish() {
 
 // connectionEnded counts what the connection moved, once, as it ends, and
 // writes its debug line with the decision behind it.
-func (h *Handler) connectionEnded(s *session, start time.Time) {
+func (h *Handler) connectionEnded(s *session) {
 	u, d := s.upstream, &s.dial
 	u.state.bytesTo.Add(uint64(s.toUpstream))
 	u.state.bytesFrom.Add(uint64(s.toClient))
@@ -156,7 +159,7 @@ func (h *Handler) connectionEnded(s *session, start time.Time) {
 	}
 	if ce := h.logger.Check(zap.DebugLevel, "connection closed"); ce != nil {
 		ce.Write(
-			zap.String("client", s.down.RemoteAddr().String()),
+			zap.String("client", s.client.String()),
 			zap.String("key", s.key),
 			zap.String("upstream", u.dial),
 			zap.Int("rank", h.rank(s.key, d.index)),
@@ -164,7 +167,8 @@ func (h *Handler) connectionEnded(s *session, start time.Time) {
 			zap.Int("attempts", d.attempts),
 			zap.Int64("bytes_to_upstream", s.toUpstream),
 			zap.Int64("bytes_to_client", s.toClient),
-			zap.Duration("duration", time.Since(start)),
+			zap.Bool("handed_off", s.detached != nil),
+			zap.Duration("duration", time.Since(s.start)),
 			zap.Stringer("first_eof", side(s.firstEOF.Load())),
 			zap.NamedError("abort", s.pipe.Cause()),
 		)

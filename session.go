@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/pires/go-proxyproto"
+	"go.uber.org/zap"
 
 	"github.com/mholt/caddy-l4/layer4"
 
@@ -26,14 +27,25 @@ import (
 // two connections to the engine (internal/pipe) and records what it
 // reports.
 //
-// Ownership: the handler's goroutine owns the session and waits in
-// pipe.Run for the connection's life; it closes the upstream connection
-// when Run returns, and caddy-l4 closes the client connection when Handle
-// returns. The engine closes neither.
+// Ownership: Handle makes the session and dials; from the moment the pipe
+// starts, the session belongs to the engine's goroutines, and the one that
+// ends the pipe's last direction runs finish, which closes the upstream
+// connection and, for a session handed off from caddy-l4's goroutine
+// (detach), the duplicate of the client's socket. caddy-l4 closes its own
+// client connection when Handle returns: at once after a handoff, or,
+// for a client that cannot be handed off, after finish, which Handle waits
+// for. The engine closes nothing.
 type session struct {
-	h    *Handler
-	down *layer4.Connection
-	up   net.Conn // the upstream connection, set by dial
+	h      *Handler
+	down   *layer4.Connection // caddy-l4's connection; nil once handed off
+	client net.Addr           // the client's address
+	start  time.Time
+	up     net.Conn // the upstream connection, set by dial
+
+	// detached is the duplicate of the client's socket that the engine
+	// pipes when the session is handed off (detach); nil otherwise.
+	detached net.Conn
+	waiting  sync.WaitGroup // Handle waits on it when the session is not handed off
 
 	key      string               // what the client was hashed by
 	upstream *upstream            // where it went
@@ -92,12 +104,57 @@ func (s *session) FlowEnded(d pipe.Direction, n int64, err error) {
 	}
 }
 
-// run pipes bytes both ways until both directions are done or the session
-// is aborted.
+// run starts piping bytes both ways; finish ends the session once both
+// directions are done or it was aborted.
 func (s *session) run() {
 	client, upstream := s.ends()
+	if s.detached != nil {
+		s.down = nil // caddy-l4's state is given back when Handle returns
+	}
 	s.pipe.Init(client, upstream, pipe.Options{IdleTimeout: time.Duration(s.h.IdleTimeout)}, s)
-	s.pipe.Run()
+	s.pipe.Start(s.finish)
+}
+
+// finish ends the session, on the goroutine of the engine that ran its
+// last direction: it counts and logs what the connection did and closes
+// what the session owns, then lets Handle return if it waits.
+func (s *session) finish() {
+	h := s.h
+	h.sessions.remove(s)
+	h.connectionEnded(s)
+	_ = s.up.Close()
+	if s.detached != nil {
+		_ = s.detached.Close()
+	}
+	s.upstream.release()
+	h.leave()
+	if s.detached == nil {
+		s.waiting.Done()
+	}
+}
+
+// detach hands the client's socket off from caddy-l4's goroutine (see
+// Handle), if the client is a plain TCP socket whose prefetched bytes have
+// all been forwarded, and reports whether it did. A failure (no descriptor
+// to spare for the duplicate) only means the session stays with the
+// goroutine.
+func (s *session) detach() bool {
+	if len(s.down.MatchingBytes()) != 0 {
+		return false
+	}
+	tcp, ok := unwrapConnection(s.down).(*net.TCPConn)
+	if !ok || innermost(s.down) != net.Conn(tcp) {
+		return false
+	}
+	c, err := pipe.DetachSocket(tcp)
+	if err != nil {
+		if ce := s.h.logger.Check(zap.DebugLevel, "keeping the connection on its goroutine: its socket could not be duplicated"); ce != nil {
+			ce.Write(zap.String("client", s.client.String()), zap.Error(err))
+		}
+		return false
+	}
+	s.detached = c
+	return true
 }
 
 // ends returns the two ends the engine pipes between. The client is read
@@ -108,6 +165,14 @@ func (s *session) run() {
 // PROXY protocol header decoded by caddy-l4) is read through. Writes go to
 // the innermost connection that passes them through unchanged.
 func (s *session) ends() (client, upstream pipe.End) {
+	upRead := s.up
+	if hd, ok := upRead.(*headedDatagramConn); ok {
+		upRead = hd.Conn // the header goes on writes only
+	}
+	upstream = pipe.End{Conn: upRead, Writer: s.up}
+	if s.detached != nil {
+		return pipe.End{Conn: s.detached}, upstream
+	}
 	clientRead := net.Conn(s.down)
 	if len(s.down.MatchingBytes()) == 0 {
 		clientRead = unwrapConnection(s.down)
@@ -115,11 +180,7 @@ func (s *session) ends() (client, upstream pipe.End) {
 	if isPacketConn(clientRead) {
 		clientRead = packetWaiter{clientRead}
 	}
-	upRead := s.up
-	if hd, ok := upRead.(*headedDatagramConn); ok {
-		upRead = hd.Conn // the header goes on writes only
-	}
-	return pipe.End{Conn: clientRead, Writer: innermost(s.down)}, pipe.End{Conn: upRead, Writer: s.up}
+	return pipe.End{Conn: clientRead, Writer: innermost(s.down)}, upstream
 }
 
 // forwardPrefetched sends the bytes that caddy-l4 read from the client

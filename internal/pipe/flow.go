@@ -305,14 +305,17 @@ func (f *flow) requestDetach() {
 var testHookParking atomic.Pointer[func(*flow)]
 
 // rawConn returns the socket under a connection the engine may read or
-// write by descriptor: TCP, unix stream, and UDP sockets. It returns nil
-// for anything else (TLS, wrappers, unixgram).
+// write by descriptor: TCP, unix stream, and UDP sockets, and sockets
+// detached by DetachSocket. It returns nil for anything else (TLS,
+// wrappers, unixgram).
 func rawConn(c net.Conn) syscall.RawConn {
 	if !rawSupported {
 		return nil
 	}
 	var sc syscall.Conn
 	switch conn := c.(type) {
+	case *socketConn:
+		return conn.rc
 	case *net.TCPConn:
 		sc = conn
 	case *net.UDPConn:

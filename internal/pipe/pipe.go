@@ -127,13 +127,18 @@ type Events interface {
 // Pipe pipes bytes between a client and an upstream connection. Its zero
 // value is ready for Init; it is used once.
 type Pipe struct {
-	events  Events
-	opts    Options
-	client  End
-	server  End
-	up      flow // Upward: client to upstream
-	down    flow // Downward: upstream to client
-	running sync.WaitGroup
+	events Events
+	opts   Options
+	client End
+	server End
+	up     flow // Upward: client to upstream
+	down   flow // Downward: upstream to client
+
+	// live counts the flows not yet ended; the one that ends last calls
+	// onDone (Start), or releases Run's wait.
+	live    atomic.Int32
+	onDone  func()
+	waiting sync.WaitGroup
 
 	// aborted is nil until the pipe is aborted, then the record of why:
 	// set once, by compare-and-swap, so Cause needs no lock.
@@ -156,17 +161,40 @@ func (p *Pipe) Init(client, upstream End, opts Options, events Events) {
 
 // Run pipes bytes both ways and returns when both directions have ended.
 func (p *Pipe) Run() {
+	p.waiting.Add(1)
+	p.start(nil)
+	p.waiting.Wait()
+}
+
+// Start pipes bytes both ways without waiting: done is called, once, when
+// both directions have ended, on the goroutine of the flow that ended
+// last. The connections must stay open until then; done is where its user
+// closes them.
+func (p *Pipe) Start(done func()) {
+	p.start(done)
+}
+
+func (p *Pipe) start(done func()) {
+	p.onDone = done
 	if p.opts.IdleTimeout > 0 {
 		p.touch()
 		p.idleTimer = time.AfterFunc(p.opts.IdleTimeout, p.checkIdle)
 	}
-	p.running.Add(2)
+	p.live.Store(2)
 	flowWorkers.Submit(&p.up)
 	flowWorkers.Submit(&p.down)
-	p.running.Wait()
+}
+
+// finished runs when the last flow has ended.
+func (p *Pipe) finished() {
 	if p.idleTimer != nil {
 		p.idleTimer.Stop()
 	}
+	if p.onDone != nil {
+		p.onDone()
+		return
+	}
+	p.waiting.Done()
 }
 
 // Abort ends both directions as soon as they can notice: a flow waiting on
@@ -213,7 +241,11 @@ func (p *Pipe) isAborted() bool { return p.aborted.Load() != nil }
 // source's EOF the half-close goes to the other side, whose own direction
 // keeps flowing; an error aborts the whole pipe.
 func (p *Pipe) flowEnded(f *flow, err error) {
-	defer p.running.Done()
+	defer func() {
+		if p.live.Add(-1) == 0 {
+			p.finished()
+		}
+	}()
 	p.events.FlowEnded(f.dir, f.n, err)
 	if err != nil {
 		p.Abort(err)
@@ -262,7 +294,7 @@ func (p *Pipe) copyErr(err error) error {
 	if err == nil || errors.Is(err, io.EOF) {
 		return nil
 	}
-	if p.isAborted() && (errors.Is(err, os.ErrDeadlineExceeded) || errors.Is(err, net.ErrClosed)) {
+	if p.isAborted() && (errors.Is(err, os.ErrDeadlineExceeded) || errors.Is(err, net.ErrClosed) || errors.Is(err, os.ErrClosed)) {
 		return ErrAborted
 	}
 	return err

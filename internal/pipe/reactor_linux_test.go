@@ -635,3 +635,64 @@ func TestEngineReturnsToBaseline(t *testing.T) {
 		return nil
 	})
 }
+
+// TestDetachedSocket pipes a socket duplicated by DetachSocket after the
+// original is closed, as godist's session does once it hands a connection
+// off from caddy-l4's goroutine: bytes both ways, a splice, parking, a
+// half-close, and Start's done called once, after both directions.
+func TestDetachedSocket(t *testing.T) {
+	settle(t)
+	lease := Acquire(nil)
+	defer lease.Release()
+	app, accepted := tcpPair(t)
+	upstream, backend := tcpPair(t)
+	defer app.Close()
+	defer backend.Close()
+	echoBackend(backend)
+
+	clientSide, err := DetachSocket(accepted)
+	if err != nil {
+		t.Fatal(err)
+	}
+	accepted.Close() // what caddy-l4 does when the handler returns
+	p, ev := new(Pipe), new(recorder)
+	p.Init(End{Conn: clientSide}, End{Conn: upstream}, Options{}, ev)
+	done := make(chan struct{})
+	var calls atomic.Int32
+	p.Start(func() {
+		calls.Add(1)
+		clientSide.Close()
+		upstream.Close()
+		close(done)
+	})
+
+	x := &piped{p: p, app: app, backend: backend}
+	splices := ReadStats().SpliceRuns
+	if err := roundTrip(x, randomBytes(1, 3<<20)); err != nil {
+		t.Fatalf("3 MiB through the detached socket: %v", err)
+	}
+	if ReadStats().SpliceRuns == splices {
+		t.Error("bulk through a detached socket did not splice")
+	}
+	waitParked(t, 2)
+	if err := roundTrip(x, []byte("after parking")); err != nil {
+		t.Fatal(err)
+	}
+	_ = app.CloseWrite()
+	if rest, err := io.ReadAll(app); err != nil || len(rest) != 0 {
+		t.Fatalf("half-close through the detached socket: %q, %v", rest, err)
+	}
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("done was not called")
+	}
+	if c := calls.Load(); c != 1 {
+		t.Fatalf("done called %d times", c)
+	}
+	for _, d := range []Direction{Upward, Downward} {
+		if _, err := ev.result(d); err != nil {
+			t.Errorf("%s ended with %v, want its EOF", d, err)
+		}
+	}
+}
