@@ -527,3 +527,48 @@ func TestFaultReloadsWhileStreaming(t *testing.T) {
 func isReset(err error) bool {
 	return errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, syscall.EPIPE)
 }
+
+// TestGoroutinesBackToBaseline is defect 6 of the engine issue: the worker
+// pools kept 64 flow and 16 dial workers for ever after a burst, and the
+// sweeper and the reactor's loop never ended. After a burst of
+// connections, once they are closed, goroutines come back to within a few
+// of where they were, counting everything: idle workers end after a few
+// seconds, the sweeper with the last flow it watched, the reactor with the
+// last parked flow and the last handler holding it.
+func TestGoroutinesBackToBaseline(t *testing.T) {
+	be := startBackend(t, "echo", "", echo)
+	c := startCaddy(t, map[string]any{"upstreams": upstreamsJSON(be.addr)})
+	eventually(t, 10*time.Second, "earlier tests' workers gone", func() error {
+		if st := pipe.ReadStats(); st.Workers != 0 || dialWorkers.Live() != 0 {
+			return fmt.Errorf("%d flow workers, %d dial workers", st.Workers, dialWorkers.Live())
+		}
+		return nil
+	})
+	base := runtime.NumGoroutine()
+
+	const n = 200
+	var wg sync.WaitGroup
+	conns := make(chan *net.TCPConn, n)
+	for range n {
+		wg.Go(func() {
+			conn := c.dial(t)
+			if _, err := exchange(conn, []byte("burst")); err != nil {
+				t.Error(err)
+			}
+			conns <- conn
+		})
+	}
+	wg.Wait()
+	close(conns)
+	peak := runtime.NumGoroutine()
+	for conn := range conns {
+		conn.Close()
+	}
+	eventually(t, 15*time.Second, "goroutines back to the baseline", func() error {
+		if g := runtime.NumGoroutine(); g > base+2 {
+			return fmt.Errorf("%d goroutines, %d before the burst (%d at its peak), %+v, %d dial workers",
+				g, base, peak, pipe.ReadStats(), dialWorkers.Live())
+		}
+		return nil
+	})
+}
