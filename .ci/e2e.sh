@@ -128,6 +128,40 @@ for port in 8080 8081; do
 	curl -fsS -m 5 "http://127.0.0.1:$port/" >/dev/null || fail "port $port stopped serving after a refused change"
 done
 
+echo "--- a burst past the descriptor limit: a godist-tcp listener keeps serving"
+# A second Caddy with RLIMIT_NOFILE 256 in front of the example's backend;
+# 400 clients connect at once and hold, then leave; 20 fresh clients must
+# all be answered (docs/descriptors.md). On tcp/ caddy-l4's accept loop
+# would have stopped for good.
+printf '{\n\tadmin off\n\tlayer4 {\n\t\tgodist-tcp/127.0.0.1:8091 {\n\t\t\troute {\n\t\t\t\tgodist localhost:4000\n\t\t\t}\n\t\t}\n\t}\n}\n' > "$work/burst.Caddyfile"
+HOME="$work/home" XDG_CONFIG_HOME="$work/home" XDG_DATA_HOME="$work/home" \
+	prlimit --nofile=256:256 "$caddy" run --config "$work/burst.Caddyfile" --adapter caddyfile > "$work/burst.log" 2>&1 &
+burst_pid=$!
+for _ in $(seq 1 100); do
+	curl -fsS -m 1 http://127.0.0.1:8091/ >/dev/null 2>&1 && break
+	sleep 0.1
+done
+trap '' PIPE # a write to a connection Caddy closed must not end this script
+held=()
+for _ in $(seq 1 400); do
+	exec {fd}<>/dev/tcp/127.0.0.1/8091 || break
+	printf 'GET / HTTP/1.0\r\n\r\n' >&"$fd" 2>/dev/null || true
+	held+=("$fd")
+done
+sleep 1
+for fd in "${held[@]}"; do exec {fd}>&-; done
+trap - PIPE
+sleep 2
+answered=0
+for _ in $(seq 1 20); do
+	curl -fsS -m 5 http://127.0.0.1:8091/ >/dev/null 2>&1 && answered=$((answered + 1))
+done
+kill "$burst_pid" 2>/dev/null || true
+wait "$burst_pid" 2>/dev/null || true
+[ "$answered" -eq 20 ] || { tail -20 "$work/burst.log" >&2; fail "after a burst of ${#held[@]} clients past the descriptor limit, $answered of 20 fresh clients were answered"; }
+grep -q '"msg":"accept failed; retrying"' "$work/burst.log" || fail "the burst of ${#held[@]} clients never reached the descriptor limit: the check proves nothing"
+echo "a burst of ${#held[@]} clients past RLIMIT_NOFILE 256: $answered of 20 fresh clients answered afterwards"
+
 echo "--- stop"
 "$caddy" stop --address "$admin" || fail "caddy stop"
 wait "$caddy_pid" || true
