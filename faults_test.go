@@ -538,12 +538,9 @@ func isReset(err error) bool {
 func TestGoroutinesBackToBaseline(t *testing.T) {
 	be := startBackend(t, "echo", "", echo)
 	c := startCaddy(t, map[string]any{"upstreams": upstreamsJSON(be.addr)})
-	eventually(t, 10*time.Second, "earlier tests' workers gone", func() error {
-		if st := pipe.ReadStats(); st.Workers != 0 || dialWorkers.Live() != 0 {
-			return fmt.Errorf("%d flow workers, %d dial workers", st.Workers, dialWorkers.Live())
-		}
-		return nil
-	})
+	// Workers left by earlier tests (idle, or running UDP flows until
+	// their server's idle timeout) only end during this test, so they can
+	// only lower the count against this baseline.
 	base := runtime.NumGoroutine()
 
 	const n = 200

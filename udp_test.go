@@ -210,7 +210,7 @@ func TestUDPFailover(t *testing.T) {
 // benchmark (go run ./bench -tests udpidle) measures the figure itself.
 func TestUDPFlowMemory(t *testing.T) {
 	be := startUDPBackend(t, "m")
-	c := startCaddyConfig(t, caddyConfig{Network: "udp", ServerIdleTimeout: "5m", LogLevel: "WARN", Routes: []map[string]any{
+	c := startCaddyConfig(t, caddyConfig{Network: "udp", ServerIdleTimeout: "4s", LogLevel: "WARN", Routes: []map[string]any{
 		godistRoute(map[string]any{"upstreams": upstreamsJSON(be.addr)}),
 	}})
 	heap := func() uint64 {
