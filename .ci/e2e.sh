@@ -132,4 +132,12 @@ echo "--- stop"
 "$caddy" stop --address "$admin" || fail "caddy stop"
 wait "$caddy_pid" || true
 caddy_pid=""
+
+echo "--- the status page in headless Chromium"
+# The same binary, three backends with one killed, the page behind
+# basic_auth; the screenshots stay for people to look at.
+shots="${GODIST_SCREENSHOTS:-$(mktemp -d /tmp/godist-status-page.XXXXXX)}"
+GODIST_CADDY="$caddy" GODIST_SCREENSHOTS="$shots" timeout 5m \
+	go test -C browsertest -count=1 -run '^TestStatusPageInBrowser$' -v . || fail "the status page in a browser"
+echo "screenshots of the status page: $shots"
 echo "end-to-end check passed"
