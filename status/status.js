@@ -65,7 +65,7 @@
 	}
 	function dur(s) {
 		if (s < 60) return s + ' s';
-		if (s < 3600) return Math.floor(s / 60) + ' min ' + (s % 60) + ' s';
+		if (s < 3600) return Math.floor(s / 60) + ' min' + (s % 60 ? ' ' + (s % 60) + ' s' : '');
 		if (s < 86400) return Math.floor(s / 3600) + ' h ' + Math.floor((s % 3600) / 60) + ' min';
 		return Math.floor(s / 86400) + ' d ' + Math.floor((s % 86400) / 3600) + ' h';
 	}
@@ -74,6 +74,18 @@
 		t.dateTime = String(iso);
 		t.title = String(iso);
 		return t;
+	}
+	// forTime says how long a state has held: "for 3 min 2 s".
+	function forTime(iso) {
+		const t = el('time', null, 'for ' + dur(Math.max(0, Math.round((Date.now() + clockSkew - Date.parse(iso)) / 1000))));
+		t.dateTime = String(iso);
+		t.title = 'since ' + String(iso);
+		return t;
+	}
+	// heldFor says how much longer failed dials hold an upstream down.
+	function heldFor(iso) {
+		const s = Math.round((Date.parse(iso) - Date.now() - clockSkew) / 1000);
+		return s > 0 ? 'failed dials hold it down ' + dur(s) + ' more' : 'failed dials held it down until ' + iso;
 	}
 	const isoRe = /^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d/;
 	function words(s) { return String(s).replace(/_/g, ' '); }
@@ -305,9 +317,9 @@
 		if (st === 'up' && !usable(u)) badge.classList.add('warn');
 		const whyEl = q(tr, '.why');
 		const h = u.health || {};
-		if (h.since) whyEl.append('since ', timeEl(h.since));
-		if (h.down_until) whyEl.append(whyEl.firstChild ? ', ' : '', 'until ', timeEl(h.down_until));
+		if (h.since) whyEl.append(forTime(h.since));
 		const parts = why(u);
+		if (h.down_until) parts.push(heldFor(h.down_until));
 		if (parts.length) whyEl.append((whyEl.firstChild ? ' · ' : '') + parts.join('; '));
 
 		q(tr, '.u-weight').textContent = int(u.weight);
@@ -362,10 +374,12 @@
 		clear(svg);
 		const hist = card.history;
 		const now = hist.times[hist.times.length - 1] || Date.now();
+		// the window grows with the history, from a minute to HISTORY_MS
+		const span = Math.min(HISTORY_MS, Math.max(60000, now - (hist.times[0] || now)));
 		let max = 1;
 		for (const s of hist.series.values()) for (const v of s) if (v !== null && v > max) max = v;
 		max = niceMax(max);
-		const x = t => padL + (W - padL - padR) * (1 - (now - t) / HISTORY_MS);
+		const x = t => padL + (W - padL - padR) * (1 - (now - t) / span);
 		const y = v => padT + (H - padT - padB) * (1 - v / max);
 		for (const v of [0, max / 2, max]) {
 			svg.append(svgEl('line', { x1: padL, x2: W - padR, y1: y(v), y2: y(v), class: 'grid' }));
@@ -373,7 +387,7 @@
 			label.textContent = Number.isInteger(v) ? String(v) : v.toFixed(1);
 			svg.append(label);
 		}
-		for (const [lbl, anchor, xpos] of [['5 min ago', 'start', padL], ['now', 'end', W - padR]]) {
+		for (const [lbl, anchor, xpos] of [[dur(Math.round(span / 1000)) + ' ago', 'start', padL], ['now', 'end', W - padR]]) {
 			const t = svgEl('text', { x: xpos, y: H - 5, class: 'axis', 'text-anchor': anchor });
 			t.textContent = lbl;
 			svg.append(t);
@@ -395,7 +409,7 @@
 		}
 		svg.dataset.samples = String(card.samples);
 		const summary = ups.map(u => u.dial + ' ' + int(u.active_connections)).join(', ');
-		svg.setAttribute('aria-label', 'Active connections over the last 5 minutes; now: ' + (summary || 'no upstreams'));
+		svg.setAttribute('aria-label', 'Active connections over the last ' + dur(Math.round(span / 1000)) + '; now: ' + (summary || 'no upstreams'));
 
 		const legend = q(card.root, '.legend');
 		clear(legend);
