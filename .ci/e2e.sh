@@ -26,7 +26,7 @@ echo "--- list-modules"
 # Into a file, not a pipe: under pipefail, grep -q ending first would fail
 # the step by SIGPIPE whenever Caddy is still writing.
 "$caddy" list-modules > "$work/modules.txt" || fail "caddy list-modules"
-for module in layer4.handlers.godist layer4.proxy.selection_policies.godist admin.api.godist; do
+for module in layer4.handlers.godist layer4.proxy.selection_policies.godist admin.api.godist http.handlers.godist_status; do
 	grep -qx "$module" "$work/modules.txt" || fail "$module not in list-modules"
 done
 
