@@ -169,11 +169,47 @@ func TestStatusPageInBrowser(t *testing.T) {
 			"the legend counting the 10 connections")
 	})
 
-	t.Run("the lookup box", func(t *testing.T) {
-		if err := chromedp.Do(bctx,
-			chromedp.SendKeys(chromedp.CSS(".i-lookup"), "127.0.0.1:5555"),
-			chromedp.Click(chromedp.CSS(".lookup-form button")),
-		); err != nil {
+	t.Run("the lookup box, by keyboard alone", func(t *testing.T) {
+		// Tab reaches the skip link first, Enter follows it into the
+		// handlers, a Tab or two (the upstream table is a stop of its own
+		// when it scrolls sideways) reach the lookup box, typing and Enter
+		// ask. Every stop shows where the focus is.
+		press := func(keys string) {
+			t.Helper()
+			if err := chromedp.Do(bctx, chromedp.KeyEvent(keys)); err != nil {
+				t.Fatal(err)
+			}
+		}
+		focused := func() string { return eval[string](t, bctx, `document.activeElement.outerHTML.slice(0, 100)`) }
+		outlined := func() {
+			t.Helper()
+			visible := eval[bool](t, bctx, `(() => { const e = document.activeElement, r = e.getBoundingClientRect(), cs = getComputedStyle(e);
+				return r.height > 0 && cs.outlineStyle !== 'none' && parseFloat(cs.outlineWidth) >= 2; })()`)
+			if !visible {
+				t.Errorf("the focus is on %s, with no visible outline", focused())
+			}
+		}
+		press("\t")
+		if !eval[bool](t, bctx, `document.activeElement.matches('a.skip') && document.activeElement.getBoundingClientRect().top >= 0`) {
+			t.Fatalf("the first Tab focuses %s, want the skip link, on screen", focused())
+		}
+		outlined()
+		press("\r")
+		if !eval[bool](t, bctx, `document.activeElement.matches('main#handlers')`) {
+			t.Fatalf("the skip link leads to %s, want main#handlers", focused())
+		}
+		for tabs := 1; ; tabs++ {
+			press("\t")
+			outlined()
+			if eval[bool](t, bctx, `document.activeElement.matches('input.i-lookup')`) {
+				break
+			}
+			if tabs == 3 {
+				t.Fatalf("3 Tabs after the skip link, the focus is on %s, not the lookup box", focused())
+			}
+			t.Logf("a Tab stop before the lookup box: %s", focused())
+		}
+		if err := chromedp.Do(bctx, chromedp.KeyEvent("127.0.0.1:5555\r")); err != nil {
 			t.Fatal(err)
 		}
 		waitFor(t, bctx, `document.querySelectorAll('.lookup-out li').length === 3`, "the key's order of three upstreams")
