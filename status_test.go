@@ -27,12 +27,15 @@ import (
 // its limits, and that nothing an upstream is called can become markup.
 // The page in a real browser is tested by browsertest/.
 
-// statusCaddyfile is the site the tests run: admin on admin, godist on
-// l4 over dials, the page on site.
+// statusCaddyfile is the site the tests run: admin on admin (off if
+// empty), godist on l4 over dials, the page on site.
 func statusCaddyfile(admin, l4, site string, dials []string) string {
 	quoted := make([]string, len(dials))
 	for i, d := range dials {
 		quoted[i] = strconv.Quote(d)
+	}
+	if admin == "" {
+		admin = "off"
 	}
 	return fmt.Sprintf(`{
 	admin %s
@@ -65,7 +68,14 @@ http://%s {
 // site's URL.
 func startStatusCaddy(t *testing.T, dials ...string) (*testCaddy, string) {
 	t.Helper()
-	admin, l4, site := freeAddr(t), freeAddr(t), freeAddr(t)
+	return startStatusCaddyAdmin(t, freeAddr(t), dials...)
+}
+
+// startStatusCaddyAdmin is startStatusCaddy with the admin endpoint on
+// admin, or off if it is empty.
+func startStatusCaddyAdmin(t *testing.T, admin string, dials ...string) (*testCaddy, string) {
+	t.Helper()
+	l4, site := freeAddr(t), freeAddr(t)
 	cfg, warnings, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(statusCaddyfile(admin, l4, site, dials)), nil)
 	if err != nil {
 		t.Fatalf("adapting the status page's Caddyfile: %v", err)
@@ -239,6 +249,25 @@ func TestStatusPageJSONIsTheAdminAPIs(t *testing.T) {
 				t.Fatalf("the page answers %d %s\nthe admin API %d %s", fromPage.status, fromPage.body, fromAdmin.status, fromAdmin.body)
 			}
 		})
+	}
+}
+
+// TestStatusPageWithoutAdmin checks that the page's JSON needs no admin
+// endpoint: it is served by the handler.
+func TestStatusPageWithoutAdmin(t *testing.T) {
+	_, addrs := startBackends(t, 2, whoami)
+	_, site := startStatusCaddyAdmin(t, "", addrs...)
+	a := siteCall(t, http.MethodGet, site+"/godist/api/upstreams", nil, nil)
+	var hs []handlerStatus
+	if err := json.Unmarshal(a.body, &hs); a.status != http.StatusOK || err != nil {
+		t.Fatalf("%d %s: %v", a.status, a.body, err)
+	}
+	if len(hs) != 1 || len(hs[0].Upstreams) != 2 || hs[0].Upstreams[0].Dial != addrs[0] || hs[0].Upstreams[1].Dial != addrs[1] {
+		t.Fatalf("api/upstreams with the admin endpoint off: %s", a.body)
+	}
+	a = siteCall(t, http.MethodPost, site+"/godist/api/plan", http.Header{"Content-Type": {"application/json"}}, []byte(fmt.Sprintf(`{"upstreams": [{"dial": %q}]}`, addrs[0])))
+	if a.status != http.StatusOK || !bytes.Contains(a.body, fmt.Appendf(nil, `{"dial":%q,"change":"removed"`, addrs[1])) {
+		t.Fatalf("api/plan with the admin endpoint off: %d %s", a.status, a.body)
 	}
 }
 
