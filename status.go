@@ -141,7 +141,7 @@ func (StatusPage) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 		return redirect(w, r, orig+"/")
 	case name == "":
 		asset = statusAssets["index.html"]
-	case name == "index.html":
+	case name == "index.html" && strings.HasSuffix(orig, "/index.html"):
 		return redirect(w, r, strings.TrimSuffix(orig, "index.html"))
 	case !isAsset && !strings.Contains(name, "."):
 		// The mount point itself without its slash (route /status* and a
@@ -160,7 +160,7 @@ func (StatusPage) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 	hdr.Set("Cache-Control", "no-cache") // revalidate: a cheap 304 until Caddy is upgraded
 	hdr.Set("X-Content-Type-Options", "nosniff")
 	hdr.Set("Referrer-Policy", "no-referrer")
-	if name == "" {
+	if name == "" || name == "index.html" { // the latter only if a rewrite asked for it
 		hdr.Set("Content-Security-Policy", statusPageCSP)
 	}
 	http.ServeContent(w, r, name, time.Time{}, bytes.NewReader(asset.body))
