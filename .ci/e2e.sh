@@ -26,7 +26,7 @@ echo "--- list-modules"
 # Into a file, not a pipe: under pipefail, grep -q ending first would fail
 # the step by SIGPIPE whenever Caddy is still writing.
 "$caddy" list-modules > "$work/modules.txt" || fail "caddy list-modules"
-for module in layer4.handlers.godist layer4.proxy.selection_policies.godist admin.api.godist; do
+for module in layer4.handlers.godist layer4.proxy.selection_policies.godist admin.api.godist http.handlers.godist_status; do
 	grep -qx "$module" "$work/modules.txt" || fail "$module not in list-modules"
 done
 
@@ -166,4 +166,12 @@ echo "--- stop"
 "$caddy" stop --address "$admin" || fail "caddy stop"
 wait "$caddy_pid" || true
 caddy_pid=""
+
+echo "--- the status page in headless Chromium"
+# The same binary, three backends with one killed, the page behind
+# basic_auth; the screenshots stay for people to look at.
+shots="${GODIST_SCREENSHOTS:-$(mktemp -d /tmp/godist-status-page.XXXXXX)}"
+GODIST_CADDY="$caddy" GODIST_SCREENSHOTS="$shots" timeout 5m \
+	go test -C browsertest -count=1 -run '^TestStatusPageInBrowser$' -v . || fail "the status page in a browser"
+echo "screenshots of the status page: $shots"
 echo "end-to-end check passed"
