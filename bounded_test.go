@@ -8,8 +8,11 @@ import (
 	"math"
 	"math/big"
 	"math/rand/v2"
+	"os"
 	"slices"
 	"sort"
+	"strconv"
+	"strings"
 	"testing"
 )
 
@@ -570,5 +573,58 @@ func BenchmarkPickBounded(b *testing.B) {
 				})
 			}
 		}
+	}
+}
+
+// TestBalanceFactorDocCaps keeps the table of caps in
+// docs/balance-factor.md true: each row's caps are what Picker.Caps
+// gives for its weights, usable set, connections and factor. The worked
+// example's prose uses the same figures.
+func TestBalanceFactorDocCaps(t *testing.T) {
+	raw, err := os.ReadFile("docs/balance-factor.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	table := section(t, string(raw), "### The caps in numbers")
+	rows := 0
+	for line := range strings.SplitSeq(table, "\n") {
+		cells := strings.Split(strings.Trim(line, "| "), " | ")
+		if len(cells) != 4 || cells[0] == "weights" || strings.HasPrefix(cells[0], "---") {
+			continue
+		}
+		rows++
+		t.Run(strings.Join(cells[:3], " "), func(t *testing.T) {
+			var ups []PickerUpstream
+			var usable []bool
+			for i, w := range strings.Split(cells[0], ", ") {
+				ups = append(ups, PickerUpstream{Dial: fmt.Sprintf("10.0.0.%d:5432", i+1), Weight: 1})
+				usable = append(usable, w != "-")
+				if w != "-" {
+					n, err := strconv.Atoi(w)
+					if err != nil {
+						t.Fatalf("weight %q: %v", w, err)
+					}
+					ups[i].Weight = n
+				}
+			}
+			conns, err := strconv.ParseInt(cells[1], 10, 64)
+			if err != nil {
+				t.Fatalf("connections %q: %v", cells[1], err)
+			}
+			caps := NewPicker(ups).Caps(nil, func(i int) bool { return usable[i] }, conns-1, parseFactor(t, cells[2]))
+			got := make([]string, len(caps))
+			for i, c := range caps {
+				got[i] = "-"
+				if c >= 0 {
+					got[i] = strconv.FormatInt(c, 10)
+				}
+			}
+			if g := strings.Join(got, ", "); g != cells[3] {
+				t.Errorf("caps %s, the docs say %s", g, cells[3])
+			}
+		})
+	}
+	if rows < 5 {
+		t.Errorf("found %d rows in the table of caps", rows)
 	}
 }
