@@ -227,7 +227,10 @@ func (a ranked) before(b ranked) bool {
 // PickBounded returns the upstream a new connection with key goes to under
 // bounded loads, and the key's first choice among the usable upstreams,
 // or -1 for both if none is usable. The connection was an overflow pick
-// when chosen != first.
+// when chosen != first. It is consistent hashing with bounded loads
+// (Mirrokni, Thorup and Zadimoghaddam, https://arxiv.org/abs/1608.01350)
+// over the rendezvous order; the comment before boundedTop says how the
+// caps are made and why W counts the usable upstreams only.
 //
 // usable is as for Pick (nil accepts every upstream). load(i) is the
 // number of connections on upstream i now, and total the connections
