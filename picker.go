@@ -5,6 +5,7 @@ package godist
 
 import (
 	"math"
+	"math/bits"
 	"slices"
 
 	"github.com/cespare/xxhash/v2"
@@ -54,8 +55,9 @@ type Picker struct {
 type pickerNode struct {
 	// seeded holds the xxhash state after the dial address has been
 	// written, so scoring a key hashes only the key's bytes.
-	seeded xxhash.Digest
-	weight float64
+	seeded    xxhash.Digest
+	weight    float64
+	intWeight uint64 // the same, for the integer arithmetic of bounded loads
 }
 
 // PickerUpstream is what the picker needs to know of an upstream.
@@ -73,6 +75,7 @@ func NewPicker(upstreams []PickerUpstream) *Picker {
 		p.nodes[i].seeded.Reset()
 		_, _ = p.nodes[i].seeded.WriteString(u.Dial)
 		p.nodes[i].weight = float64(w)
+		p.nodes[i].intWeight = uint64(w)
 		if i > 0 && p.nodes[i].weight != p.nodes[0].weight {
 			p.uniform = false
 		}
@@ -163,4 +166,220 @@ func (p *Picker) Order(key string, dst []int) []int {
 		return 0
 	})
 	return dst
+}
+
+// Consistent hashing with bounded loads
+// (Mirrokni, Thorup and Zadimoghaddam, "Consistent Hashing with Bounded
+// Loads", SODA 2018, https://arxiv.org/abs/1608.01350), on top of the
+// rendezvous order above.
+//
+// Every usable upstream i gets a cap of
+//
+//	cap(i) = ⌈c × (total + 1) × w(i) / W⌉
+//
+// where c is the balance factor, total the connections active now (the
+// caller's count: one handler's), w(i) the upstream's weight and W the sum
+// of the weights of the usable upstreams. A new connection goes to the
+// first upstream in its key's order of preference whose load is under its
+// cap. While every upstream is under its cap the picks are exactly Pick's;
+// the connections of a hot key that overflow go each to the key's next
+// choice under cap, and since every key has its own random order (unlike a
+// ring, where they would all go to the one next server), the overflow of
+// one upstream spreads over all the others.
+//
+// W counts the usable upstreams only. An unusable upstream (down, at its
+// max_connections, not in the serving tier) has no cap and takes nothing,
+// and its share of the load is spread over the others in proportion to
+// their weights. Were its weight left in W, the caps of the usable ones
+// would add up to less than c × (total + 1): with c = 1.25 and one of four
+// equal upstreams down, to 0.94 × (total + 1), so that as load grew every
+// usable upstream would end up over its cap, and the cap would stop
+// meaning anything. Counting the usable ones only, the caps add up to at
+// least c × (total + 1) > total, so as long as the loads of the usable
+// upstreams add up to no more than total and c ≥ 1, one of them is always
+// under its cap.
+//
+// c counts to three decimal places (it is rounded to thousandths, as
+// HAProxy's hash-balance-factor counts in hundredths), so that a cap is
+// computed in integers and is exact: ⌈1.1 × 10⌉ is 11, not the 12 that
+// floating point would give.
+
+// boundedTop is how many of a key's best-scoring usable upstreams the first
+// pass of PickBounded keeps, in order. Only when all of them are over their
+// caps does it take a second pass over the upstreams.
+const boundedTop = 4
+
+// ranked is an upstream and its score for one key.
+type ranked struct {
+	i int
+	s score
+}
+
+// before reports whether a comes before b in the key's order: the higher
+// score first, the earlier upstream on a tie, as Pick and Order have it.
+func (a ranked) before(b ranked) bool {
+	if a.s.beats(b.s) {
+		return true
+	}
+	return !b.s.beats(a.s) && a.i < b.i
+}
+
+// PickBounded returns the upstream a new connection with key goes to under
+// bounded loads, and the key's first choice among the usable upstreams,
+// or -1 for both if none is usable. The connection was an overflow pick
+// when chosen != first. It is consistent hashing with bounded loads
+// (Mirrokni, Thorup and Zadimoghaddam, https://arxiv.org/abs/1608.01350)
+// over the rendezvous order; the comment before boundedTop says how the
+// caps are made and why W counts the usable upstreams only.
+//
+// usable is as for Pick (nil accepts every upstream). load(i) is the
+// number of connections on upstream i now, and total the connections
+// active now over all upstreams; load is called for usable upstreams only.
+// factor is the balance factor c, above 1; a factor that is 0, negative,
+// NaN or infinite means no cap, and PickBounded returns what Pick returns.
+// If every usable upstream is over its cap, which cannot happen when the
+// loads of the usable upstreams add up to at most total and factor is at
+// least 1, the connection goes to the key's first choice.
+//
+// usable may be called twice for an upstream, in a second pass that runs
+// only when the key's boundedTop best usable upstreams are all over their
+// caps; it should give the same answer both times (an answer that changes
+// in between costs one pick its exact caps, nothing more).
+//
+// It allocates nothing. Its cost is Pick's, plus a second pass in the
+// rare case above.
+func (p *Picker) PickBounded(key string, usable func(i int) bool, load func(i int) int64, total int64, factor float64) (chosen, first int) {
+	milli, ok := factorMilli(factor)
+	if !ok {
+		i := p.Pick(key, usable)
+		return i, i
+	}
+	// First pass: the sum of the usable weights, and the boundedTop best
+	// usable upstreams in order, by insertion.
+	var top [boundedTop]ranked
+	kept := 0
+	var usableWeight uint64
+	for i := range p.nodes {
+		if usable != nil && !usable(i) {
+			continue
+		}
+		usableWeight += p.nodes[i].intWeight
+		r := ranked{i: i, s: p.score(i, key)}
+		if kept == len(top) && !r.before(top[len(top)-1]) {
+			continue
+		}
+		j := min(kept, len(top)-1)
+		for j > 0 && r.before(top[j-1]) {
+			top[j] = top[j-1]
+			j--
+		}
+		top[j] = r
+		if kept < len(top) {
+			kept++
+		}
+	}
+	if kept == 0 {
+		return -1, -1
+	}
+	first = top[0].i
+	under := func(i int) bool {
+		return load(i) < boundedCap(milli, total, p.nodes[i].intWeight, usableWeight)
+	}
+	for _, r := range top[:kept] {
+		if under(r.i) {
+			return r.i, first
+		}
+	}
+	if kept < len(top) {
+		return first, first // every usable upstream is over its cap
+	}
+	// Second pass: the best usable upstream under its cap among those after
+	// the ones already looked at.
+	last := top[kept-1]
+	best := ranked{i: -1}
+	for i := range p.nodes {
+		if usable != nil && !usable(i) {
+			continue
+		}
+		r := ranked{i: i, s: p.score(i, key)}
+		if !last.before(r) || (best.i >= 0 && !r.before(best)) {
+			continue
+		}
+		if under(i) {
+			best = r
+		}
+	}
+	if best.i < 0 {
+		return first, first
+	}
+	return best.i, first
+}
+
+// Caps appends to dst, for each upstream in order, its cap under bounded
+// loads with total connections active and the balance factor given (as
+// for PickBounded), or -1 where there is none: for an unusable upstream, and
+// for every upstream when factor means no cap. It serves inspection; it
+// allocates only to grow dst.
+func (p *Picker) Caps(dst []int64, usable func(i int) bool, total int64, factor float64) []int64 {
+	milli, ok := factorMilli(factor)
+	var usableWeight uint64
+	if ok {
+		for i := range p.nodes {
+			if usable == nil || usable(i) {
+				usableWeight += p.nodes[i].intWeight
+			}
+		}
+	}
+	for i := range p.nodes {
+		c := int64(-1)
+		if ok && (usable == nil || usable(i)) {
+			c = boundedCap(milli, total, p.nodes[i].intWeight, usableWeight)
+		}
+		dst = append(dst, c)
+	}
+	return dst
+}
+
+// maxFactorMilli bounds the balance factor at a million, where a cap no
+// longer caps anything, so that the integer arithmetic of boundedCap has
+// room.
+const maxFactorMilli = 1_000_000_000
+
+// factorMilli returns the balance factor in thousandths, rounded, and
+// whether it caps anything at all.
+func factorMilli(factor float64) (uint64, bool) {
+	if !(factor > 0) || math.IsInf(factor, 1) {
+		return 0, false
+	}
+	m := math.Round(factor * 1000)
+	if m < 1 {
+		m = 1
+	}
+	return uint64(min(m, maxFactorMilli)), true
+}
+
+// boundedCap returns ⌈milli/1000 × (total + 1) × w / usableWeight⌉, in
+// integers while the product fits in 64 bits, in floating point beyond (at
+// caps so far beyond any real load that rounding cannot matter). A total
+// below zero counts as zero.
+func boundedCap(milli uint64, total int64, w, usableWeight uint64) int64 {
+	n := uint64(max(total, 0)) + 1
+	hi1, a := bits.Mul64(milli, n)
+	hi2, num := bits.Mul64(a, w)
+	hi3, den := bits.Mul64(1000, usableWeight)
+	if hi1 == 0 && hi2 == 0 && hi3 == 0 && den > 0 {
+		q := num / den
+		if num%den != 0 {
+			q++
+		}
+		if q <= math.MaxInt64 {
+			return int64(q)
+		}
+		return math.MaxInt64
+	}
+	c := math.Ceil(float64(milli) / 1000 * float64(n) * float64(w) / float64(usableWeight))
+	if c >= math.MaxInt64 {
+		return math.MaxInt64
+	}
+	return int64(c)
 }

@@ -23,6 +23,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"math"
 	"os"
 	"os/exec"
 	"os/signal"
@@ -50,6 +51,7 @@ type options struct {
 	caddyBin   string
 	pprofDir   string
 	checkGoals bool
+	skewFactor float64       // c of the skewed-load scenario, for godist and HAProxy
 	maxOther   float64       // repeat a test when other processes used more of a pinned CPU than this
 	retries    int           // at most this many times
 	quietWait  time.Duration // before each timed test, wait at most this long for other processes to calm down
@@ -81,6 +83,7 @@ func parseFlags(args []string) (options, error) {
 	fs.Float64Var(&opt.maxOther, "max-other", 0.10, "run a timed test again when other processes used more than this `fraction` of either pinned CPU during it (the machine may be shared)")
 	fs.IntVar(&opt.retries, "retries", 2, "times a test may run again because of other load; the last run counts either way")
 	fs.DurationVar(&opt.quietWait, "quiet-wait", 30*time.Second, "before each timed test, wait at most this `long` until other processes use no more than -max-other of either pinned CPU (0: do not wait)")
+	fs.Float64Var(&opt.skewFactor, "skew-factor", 1.25, "the balance `factor` c of the skew scenario: godist's balance_factor, HAProxy's hash-balance-factor (×100); above 1, in hundredths")
 	fs.BoolVar(&opt.checkGoals, "check-goals", false, "exit with status 3 when a measured goal is not met")
 	fs.Usage = func() {
 		fmt.Fprintf(fs.Output(), "usage: go run ./bench [flags]\n\n")
@@ -141,13 +144,17 @@ func parseFlags(args []string) (options, error) {
 		return opt, fmt.Errorf("-udp-flows %d: must be at least 1", opt.udpFlows)
 	case opt.retries < 0 || opt.retries > 10:
 		return opt, fmt.Errorf("-retries %d: must be 0 to 10", opt.retries)
+	case !(opt.skewFactor > 1 && opt.skewFactor <= 10):
+		return opt, fmt.Errorf("-skew-factor %g: must be above 1 and at most 10", opt.skewFactor)
+	case math.Abs(opt.skewFactor*100-math.Round(opt.skewFactor*100)) > 1e-6:
+		return opt, fmt.Errorf("-skew-factor %g: must be in hundredths, as HAProxy's hash-balance-factor takes a percentage", opt.skewFactor)
 	}
 	return opt, nil
 }
 
 // allTests are the names -tests takes, besides aliases.
 func allTests() []string {
-	return append(slices.Clone(timedTests), freshTests...)
+	return append(append(slices.Clone(timedTests), freshTests...), skewTest)
 }
 
 // expandAliases replaces each alias in a comma-separated list by the names
@@ -236,6 +243,16 @@ func run() int {
 			}
 		}
 	}
+	if rep.Skew != nil {
+		if rep.Skew.Failed != "" {
+			failed++
+		}
+		for _, row := range rep.Skew.Rows {
+			if row.Failed != "" {
+				failed++
+			}
+		}
+	}
 	if failed > 0 {
 		logf("bench: %d tests failed; see the notes of the report", failed)
 		return 1
@@ -257,6 +274,7 @@ type report struct {
 	Method   method        `json:"method"`
 	Peers    []*peerResult `json:"peers"`
 	Goals    []goal        `json:"goals"`
+	Skew     *skewResult   `json:"skew,omitempty"`
 	Warnings []string      `json:"warnings,omitempty"`
 }
 
@@ -340,6 +358,9 @@ func bench(ctx context.Context, opt options) (*report, error) {
 		if p.skip != "" {
 			logf("skipping %s: %s", p.Label, p.skip)
 		}
+	}
+	if !slices.ContainsFunc(allTests(), func(t string) bool { return t != skewTest && opt.tests[t] }) {
+		servers = nil // the skew scenario starts proxies of its own
 	}
 	for _, srv := range servers {
 		if err := srv.start(pin); err != nil {
@@ -452,6 +473,10 @@ func bench(ctx context.Context, opt options) (*report, error) {
 			}
 		}
 	}
+	if opt.tests[skewTest] && ctx.Err() == nil {
+		logf("skewed load: bounded-load hashing against HAProxy")
+		rep.Skew = runSkew(ctx, opt, pin, caddyBin, tmp)
+	}
 	if ctx.Err() != nil {
 		return nil, ctx.Err()
 	}
@@ -462,6 +487,7 @@ func bench(ctx context.Context, opt options) (*report, error) {
 	}
 	rep.Peers = results
 	rep.Goals = append(checkGoals(results), checkScenarioGoals(results)...)
+	rep.Goals = append(rep.Goals, checkSkewGoals(rep.Skew)...)
 	md := renderMarkdown(rep)
 	fmt.Print(md)
 	if err := writeResults(opt, rep, md); err != nil {

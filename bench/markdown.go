@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -97,8 +98,11 @@ func renderMarkdown(rep *report) string {
 		"Load average %s at the start, %s at the end (the machine may be shared: other processes may have run).\n\n",
 		m.CPU, m.Cores, m.MemoryGiB, m.OS, m.Kernel, m.Go, m.FDLimit, m.Date, m.LoadAvg, m.LoadAvgEnd)
 	me := rep.Method
-	fmt.Fprintf(&b, "Method (shared/PEERS.md): %s. Each timed test ran %s after a %s warm-up, %d time(s); figures are medians, "+
-		"ratios are to direct measured in the same run.", me.Pinning, me.Duration, me.Warmup, me.Repeats)
+	fmt.Fprintf(&b, "Method (shared/PEERS.md): %s.", me.Pinning)
+	if ran(rep.Peers, timedTests) {
+		fmt.Fprintf(&b, " Each timed test ran %s after a %s warm-up, %d time(s); figures are medians, "+
+			"ratios are to direct measured in the same run.", me.Duration, me.Warmup, me.Repeats)
+	}
 	if ran(rep.Peers, []string{idleTest}) {
 		fmt.Fprintf(&b, " Idle test: %d connections, each after one echoed byte, on a freshly started proxy, its baseline subtracted.", me.IdleConns)
 	}
@@ -108,7 +112,9 @@ func renderMarkdown(rep *report) string {
 	if ran(rep.Peers, []string{udpTest}) {
 		fmt.Fprintf(&b, " UDP test: %d flows.", me.UDPFlows)
 	}
-	b.WriteString(" CPU is utime+stime of the proxy's processes over the window.")
+	if slices.ContainsFunc(rep.Peers, func(pr *peerResult) bool { return len(pr.Samples) > 0 }) {
+		b.WriteString(" CPU is utime+stime of the proxy's processes over the window.")
+	}
 	if me.Quick {
 		b.WriteString(" **Quick mode: a smoke test, not figures to compare.**")
 	}
@@ -128,6 +134,13 @@ func renderMarkdown(rep *report) string {
 		b.WriteString(issue4Sections(rep))
 	}
 	b.WriteString(scenarioSections(rep))
+	var skewGoals []goal
+	for _, g := range rep.Goals {
+		if g.Section == sectionSkew {
+			skewGoals = append(skewGoals, g)
+		}
+	}
+	b.WriteString(skewSection(rep.Skew, skewGoals))
 
 	notes := runNotes(rep)
 	if len(notes) > 0 {

@@ -406,6 +406,8 @@ func fmtGoal(v float64, unit string) string {
 	switch unit {
 	case "CPU-s/GB":
 		return fmt.Sprintf("%.2f %s", v, unit)
+	case "%":
+		return fmt.Sprintf("%.1f%%", v)
 	default:
 		return fmt.Sprintf("%.0f %s", v, unit)
 	}

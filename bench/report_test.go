@@ -125,6 +125,14 @@ func TestParseFlags(t *testing.T) {
 			if len(o.peers) != len(peerIDs) {
 				t.Fatalf("peers = %v, want all", o.peers)
 			}
+			if o.skewFactor != 1.25 || !o.tests[skewTest] {
+				t.Fatalf("skew factor %v, skew test %v; want 1.25, on", o.skewFactor, o.tests[skewTest])
+			}
+		}},
+		{name: "skew alone", args: []string{"-tests", "skew", "-skew-factor", "1.5"}, check: func(t *testing.T, o options) {
+			if len(o.tests) != 1 || !o.tests[skewTest] || o.skewFactor != 1.5 {
+				t.Fatalf("tests %v, skew factor %v", o.tests, o.skewFactor)
+			}
 		}},
 		{name: "quick", args: []string{"-quick"}, check: func(t *testing.T, o options) {
 			if o.duration != time.Second || o.repeats != 1 || o.idleConns != 500 || o.name != "quick" || o.retries != 0 || o.quietWait != 0 {
@@ -172,6 +180,8 @@ func TestParseFlags(t *testing.T) {
 		{name: "unknown test", args: []string{"-tests", "up2"}, wantErr: `-tests: unknown "up2"`},
 		{name: "short duration", args: []string{"-duration", "10ms"}, wantErr: "-duration 10ms: must be at least 100ms"},
 		{name: "no repeats", args: []string{"-repeats", "0"}, wantErr: "-repeats 0: must be 1 to 100"},
+		{name: "skew factor of 1", args: []string{"-skew-factor", "1"}, wantErr: "-skew-factor 1: must be above 1 and at most 10"},
+		{name: "skew factor in thousandths", args: []string{"-skew-factor", "1.255"}, wantErr: "-skew-factor 1.255: must be in hundredths"},
 		{name: "stray argument", args: []string{"now"}, wantErr: `unexpected argument "now"`},
 	}
 	for _, tt := range tests {

@@ -272,7 +272,7 @@ func scenarioSections(rep *report) string {
 	}
 	var goals []goal
 	for _, g := range rep.Goals {
-		if g.Section != "" {
+		if g.Section != "" && g.Section != sectionSkew {
 			goals = append(goals, g)
 		}
 	}
