@@ -516,6 +516,11 @@ func (s *opStore) start() {
 	if err := s.poll(first); err != nil {
 		s.current().logger.Error("operator states: the storage did not answer the first read; every upstream of this handler name is ready until it does",
 			zap.String("handler_name", s.name), zap.String("storage_key", s.prefix), zap.Error(err))
+		// the outage began: its end is logged, its next failures are not
+		now := time.Now()
+		s.mu.Lock()
+		s.failing, s.failSince, s.failedPolls, s.failLogged = true, now, 1, now
+		s.mu.Unlock()
 	}
 	cancelFirst()
 	go s.run(ctx)
@@ -793,7 +798,8 @@ func (s *opStore) logChange(logger *zap.Logger, source string, c opChange) {
 
 // set writes an operator's request to the storage and, once the storage
 // has it, makes it the state in force here; the other instances read it at
-// their next poll. It returns the state before and after.
+// their next poll. It returns the state before (as the storage held it)
+// and after.
 //
 // If the storage fails, set fails and nothing changes here: a state held by
 // one instance only would split the fleet, and would be undone by the
@@ -820,16 +826,22 @@ func (s *opStore) set(ctx context.Context, req opStateRequest) (before, after op
 		}
 	}()
 
+	// before is what the storage held, which the write is ordered after;
+	// this instance may not have read it yet
 	s.mu.Lock()
 	prevVersion := s.lastVersion[req.Upstream]
+	before, _ = s.snap.Load().lookup(s.name, req.Upstream)
 	s.mu.Unlock()
 	b, err := h.stor.Load(ctx, key)
 	switch {
 	case err == nil:
 		if stored, derr := decodeOpRecord(b, s.name, key); derr == nil {
 			prevVersion = max(prevVersion, stored.Version)
+			before = stored
 		}
-	case !errors.Is(err, fs.ErrNotExist):
+	case errors.Is(err, fs.ErrNotExist):
+		before = readyRecord(s.name, req.Upstream)
+	default:
 		return before, after, fmt.Errorf("storage: reading %s: %w", key, err)
 	}
 
@@ -853,7 +865,7 @@ func (s *opStore) set(ctx context.Context, req opStateRequest) (before, after op
 
 	s.mu.Lock()
 	old := s.snap.Load()
-	before, _ = old.lookup(s.name, req.Upstream)
+	inForce, _ := old.lookup(s.name, req.Upstream)
 	records := maps.Clone(old.records)
 	if records == nil {
 		records = make(map[string]opRecord)
@@ -870,7 +882,7 @@ func (s *opStore) set(ctx context.Context, req opStateRequest) (before, after op
 	close(old.superseded)
 	s.mu.Unlock()
 
-	s.logChange(h.logger, "local", opChange{Old: before, New: after})
+	s.logChange(h.logger, "local", opChange{Old: inForce, New: after})
 	return before, after, nil
 }
 

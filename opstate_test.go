@@ -793,3 +793,64 @@ func TestStorageIdentity(t *testing.T) {
 		t.Error("the identity holds the storage's password")
 	}
 }
+
+// TestOpStoreStartWithoutStorage starts an instance whose storage does not
+// answer: it starts with every upstream ready, says so once, and picks up
+// the states when the storage answers.
+func TestOpStoreStartWithoutStorage(t *testing.T) {
+	dir := t.TempDir()
+	a, _ := newTestOpStore(t, "db", &certmagic.FileStorage{Path: dir})
+	mustSet(t, a, `{"upstream": "10.0.0.1:5432", "state": "drain"}`)
+	faulty := &faultyStorage{FileStorage: &certmagic.FileStorage{Path: dir}}
+	faulty.fail.Store(failList)
+	b, logs := newTestOpStore(t, "db", faulty)
+	if n := b.snapshot().len(); n != 0 {
+		t.Fatalf("%d states read from a storage that does not answer", n)
+	}
+	eventually(t, 10*time.Second, "five failed polls", func() error {
+		if n := faulty.lists.Load(); n < 6 {
+			return fmt.Errorf("%d polls", n)
+		}
+		return nil
+	})
+	if n := logs.FilterMessage("operator states: the storage did not answer the first read; every upstream of this handler name is ready until it does").Len(); n != 1 {
+		t.Errorf("%d lines on the failed first read, want 1", n)
+	}
+	if n := logs.FilterMessage("operator states: reading the storage failed; the last known states stay in force").Len(); n != 0 {
+		t.Errorf("%d more lines for the same outage, want none within a minute", n)
+	}
+	faulty.fail.Store(0)
+	waitState(t, b, "10.0.0.1:5432", opDrain, 2*testPollInterval+5*time.Second)
+	eventually(t, 5*time.Second, "the recovery logged", func() error {
+		if logs.FilterMessage("operator states: the storage answers again").Len() != 1 {
+			return errors.New("not yet")
+		}
+		return nil
+	})
+}
+
+// TestOpStoreSetAnswersWhatStorageHeld sets a state through an instance
+// that has not yet read the storage's latest: the answer's previous state
+// is the storage's, which the write followed; the log says what changed
+// here.
+func TestOpStoreSetAnswersWhatStorageHeld(t *testing.T) {
+	dir := t.TempDir()
+	a, _ := newTestOpStore(t, "db", &certmagic.FileStorage{Path: dir})
+	core, logs := observer.New(zapcore.InfoLevel)
+	b := newOpStore("db", &opHolder{stor: &certmagic.FileStorage{Path: dir}, logger: zap.New(core), interval: time.Hour})
+	drained := mustSet(t, a, `{"upstream": "10.0.0.1:5432", "state": "drain"}`)
+	before, after, err := b.set(t.Context(), opReq(t, "db", `{"upstream": "10.0.0.1:5432", "state": "maint"}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !before.sameAs(drained) {
+		t.Errorf("previous %+v, want the drain the storage held %+v", before, drained)
+	}
+	if after.Version <= drained.Version {
+		t.Errorf("version %d after %d", after.Version, drained.Version)
+	}
+	lines := logs.FilterMessage("operator state changed").All()
+	if len(lines) != 1 || lines[0].ContextMap()["old_state"] != "ready" || lines[0].ContextMap()["new_state"] != "maint" {
+		t.Errorf("logged %v, want one change here from ready to maint", lines)
+	}
+}
