@@ -57,6 +57,15 @@ var (
 		"Upstream lookups that failed or found nothing (the last good set stays).", []string{"source"}, nil)
 	descSourceRecords = prometheus.NewDesc(metricsNamespace+"_source_records",
 		"Upstreams an upstream lookup serves now: those of its last good set.", []string{"source"}, nil)
+
+	// One series of value 1 per running handler: its name, the fingerprint
+	// of its config, and the digest of its name's operator states
+	// ("none" without any). Two instances that send every key to the same
+	// upstream report the same three labels; see docs/operate.md for the
+	// alert on instances that disagree.
+	descHandlerInfo = prometheus.NewDesc(metricsNamespace+"_handler_info",
+		"A running godist handler: its name, its config's fingerprint and the digest of its operator states; always 1.",
+		[]string{"name", "fingerprint", "operator_state"}, nil)
 )
 
 // collector reports godist's metrics to a Prometheus registry.
@@ -79,7 +88,7 @@ func registerMetrics(reg *prometheus.Registry) error {
 func (collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descConnections, descActive, descDialFailures, descFailovers,
 		descBytesTo, descBytesFrom, descHealthy, descRejected, descNoUpstream, descAcceptErrors,
-		descSourceLastSuccess, descSourceFailures, descSourceRecords} {
+		descSourceLastSuccess, descSourceFailures, descSourceRecords, descHandlerInfo} {
 		ch <- d
 	}
 }
@@ -116,6 +125,23 @@ func (collector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(descAcceptErrors, prometheus.CounterValue, float64(acceptRetries[i].Load()), e.name)
 	}
 	collectSources(ch)
+	collectHandlerInfo(ch, liveHandlers.list())
+}
+
+// collectHandlerInfo reports the info series of the running handlers,
+// once per distinct set of labels: handlers of one name and config (two
+// routes to one pool, or the old and new config during a reload) make one
+// series.
+func collectHandlerInfo(ch chan<- prometheus.Metric, handlers []*Handler) {
+	seen := make(map[handlerInfo]bool, len(handlers))
+	for _, h := range handlers {
+		info := h.info()
+		if seen[info] {
+			continue
+		}
+		seen[info] = true
+		ch <- prometheus.MustNewConstMetric(descHandlerInfo, prometheus.GaugeValue, 1, info.name, info.fingerprint, info.operatorState)
+	}
 }
 
 // collectSources reports each upstream lookup in use.
