@@ -209,12 +209,18 @@ func (h *Handler) installLocked(set []DiscoveredUpstream) *membership {
 	return m
 }
 
-// logChange logs a change of membership at info: what changed, and the
-// share of keys that moved, as POST /godist/plan would have estimated it:
+// logChange logs a change of membership at info: the lookups behind it,
+// what changed, and the share of keys that moved, as POST /godist/plan would have estimated it:
 // over the lowest tier of each, by the hash alone, as if every upstream
 // were up. When either side has no upstream, every key moves.
 func (h *Handler) logChange(before, after *membership, c memberChange) {
+	statuses := h.source.Status()
+	lookups := make([]string, len(statuses))
+	for i, st := range statuses {
+		lookups[i] = st.Source
+	}
 	fields := []zap.Field{
+		zap.Strings("sources", lookups),
 		zap.Strings("added", c.added),
 		zap.Strings("removed", c.removed),
 		zap.Strings("reweighted", c.reweighted),

@@ -286,7 +286,8 @@ func TestDynamicSRVMembership(t *testing.T) {
 		t.Errorf("%d change lines for %d changes: %v", len(lines), len(steps), lines)
 	}
 	first := lines[0]
-	if first["level"] != "info" || fmt.Sprint(first["added"]) != fmt.Sprint([]any{d(3)}) || fmt.Sprint(first["removed"]) != "[]" {
+	if first["level"] != "info" || fmt.Sprint(first["sources"]) != "[srv:"+srvName+"]" ||
+		fmt.Sprint(first["added"]) != fmt.Sprint([]any{d(3)}) || fmt.Sprint(first["removed"]) != "[]" {
 		t.Errorf("the first change line: %v", first)
 	}
 	if got := fmt.Sprint(lines[2]["reweighted"]); got != fmt.Sprintf("[%s: weight 10 -> 30]", d(0)) {
@@ -317,6 +318,7 @@ func TestDynamicSRVMembership(t *testing.T) {
 // waits on a lookup, and before the first good set the static upstream
 // serves.
 func TestDynamicLookupFailures(t *testing.T) {
+	checkNoLeaks(t)
 	s := startTestDNS(t)
 	sb := startSRVBackends(t, 3)
 	standby := sb.backends[2].addr
@@ -399,6 +401,18 @@ func TestDynamicLookupFailures(t *testing.T) {
 	if got := testHandler(t).members.Load(); got != m {
 		t.Errorf("the same records after the failures gave another membership: %v", membersOf(got))
 	}
+
+	// The config is unloaded while a lookup waits for an answer: the
+	// watch ends with it (checkNoLeaks), the lookup abandoned.
+	asked := len(s.asked(srvName, dns.TypeSRV))
+	s.setDrop(srvName, true)
+	eventually(t, testTimeout, "a query after the drop", func() error {
+		if n := len(s.asked(srvName, dns.TypeSRV)); n <= asked {
+			return fmt.Errorf("%d queries", n)
+		}
+		return nil
+	})
+	stopCaddy(t)
 }
 
 // TestDynamicHealthAcrossChanges checks that discovered upstreams get
@@ -503,4 +517,48 @@ func TestDynamicHealthAcrossChanges(t *testing.T) {
 	}
 	// checkNoLeaks: once the config is unloaded, its watch and check
 	// loops have ended.
+}
+
+// TestDynamicPlan asks POST /godist/plan of a handler with discovered
+// upstreams: a proposal replaces the static upstreams only, the
+// discovered ones staying; one with no static upstream is a question too;
+// and a handler with nothing to move from says so.
+func TestDynamicPlan(t *testing.T) {
+	s := startTestDNS(t)
+	s.setA("db.godist.test", "127.0.0.2", "127.0.0.3", "127.0.0.4")
+	source := map[string]any{"source": "a", "name": "db.godist.test", "port": "5432", "refresh": "50ms", "versions": map[string]any{"ipv4": true},
+		"resolver": map[string]any{"addresses": []string{s.addr}}}
+	c := startCaddy(t, map[string]any{"upstreams": upstreamsJSON("127.0.0.9:5432"), "dynamic_upstreams": source})
+	m := waitMembers(t, "127.0.0.2:5432 1 0", "127.0.0.3:5432 1 0", "127.0.0.4:5432 1 0", "127.0.0.9:5432 1 0")
+
+	var res planResult
+	c.adminJSON(t, "POST", "/godist/plan", map[string]any{"upstreams": upstreamsJSON("127.0.0.9:5432", "127.0.0.10:5432")}, &res)
+	want := newMembership("", describedPool(Upstream{Dial: "127.0.0.9:5432"}, Upstream{Dial: "127.0.0.10:5432"},
+		Upstream{Dial: "127.0.0.2:5432"}, Upstream{Dial: "127.0.0.3:5432"}, Upstream{Dial: "127.0.0.4:5432"}))
+	if res.Fingerprint != m.fingerprint || res.NewFingerprint != want.fingerprint || math.Abs(res.KeySpace.MovedShare-1.0/5) > 0.01 {
+		t.Errorf("adding a static upstream beside 4: %+v; want the new fingerprint %s and 1/5 moved", res, want.fingerprint)
+	}
+	c.adminJSON(t, "POST", "/godist/plan", map[string]any{"upstreams": []any{}}, &res)
+	if math.Abs(res.KeySpace.MovedShare-1.0/4) > 0.01 || len(res.KeySpace.Upstreams) != 4 {
+		t.Errorf("dropping the static upstream: %+v; want 1/4 moved", res.KeySpace)
+	}
+
+	// A handler with no upstream yet has nothing to move.
+	stopCaddy(t)
+	s.setRcode("none.godist.test", dns.RcodeNameError)
+	source["name"] = "none.godist.test"
+	c = startCaddy(t, map[string]any{"dynamic_upstreams": source})
+	a := c.adminCall(t, "POST", "/godist/plan", []byte(`{"upstreams": [{"dial": "127.0.0.9:5432"}]}`))
+	if a.status != 409 || !strings.Contains(string(a.body), "the handler has no upstreams now: its dynamic source has found none") {
+		t.Errorf("a plan for a handler without upstreams: %d %s", a.status, a.body)
+	}
+	p := c.pick(t, "key=k")[0]
+	if p.Upstream != nil || !p.Fallback || p.ServingTier != nil || len(p.Order) != 0 {
+		t.Errorf("pick on a handler without upstreams: %+v", p)
+	}
+	conn := c.dial(t)
+	if _, err := askName(conn); err == nil {
+		t.Error("a connection to a handler without upstreams was answered")
+	}
+	conn.Close()
 }
