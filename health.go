@@ -276,7 +276,7 @@ func (h *Handler) syncCheckersLocked(m *membership) {
 // ctx is done.
 func (h *Handler) checkLoop(ctx context.Context, c *checker, offset time.Duration) {
 	a := h.HealthChecks.Active
-	h.recordCheck(c, h.checkOnce(ctx, c.u))
+	h.checkAndRecord(ctx, c)
 	wait := time.NewTimer(offset)
 	defer wait.Stop()
 	select {
@@ -291,9 +291,22 @@ func (h *Handler) checkLoop(ctx context.Context, c *checker, offset time.Duratio
 		case <-ctx.Done():
 			return
 		case <-ticker.C:
-			h.recordCheck(c, h.checkOnce(ctx, c.u))
+			h.checkAndRecord(ctx, c)
 		}
 	}
+}
+
+// checkAndRecord runs one check and counts it, unless ctx ended meanwhile:
+// a check cut short by its config's unloading says nothing of the
+// upstream, and must not count against it in the config that replaces
+// this one, which may still be checking it (the stopped flag is set only
+// later, by Cleanup).
+func (h *Handler) checkAndRecord(ctx context.Context, c *checker) {
+	err := h.checkOnce(ctx, c.u)
+	if ctx.Err() != nil {
+		return
+	}
+	h.recordCheck(c, err)
 }
 
 // checkOnce runs one active check of u and returns why it failed, or nil.

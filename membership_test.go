@@ -152,3 +152,29 @@ func TestDiffMemberships(t *testing.T) {
 		t.Error("a membership differs from itself")
 	}
 }
+
+// BenchmarkMembershipPick is a pick as the dial path makes it: within the
+// first tier, through the membership's index mapping, with the skip test
+// the dial loop passes. Compare with BenchmarkPick, the bare picker.
+func BenchmarkMembershipPick(b *testing.B) {
+	for _, n := range []int{3, 16, 100} {
+		for _, tiered := range []bool{false, true} {
+			ups := make([]Upstream, n)
+			for i := range ups {
+				ups[i] = Upstream{Dial: fmt.Sprintf("10.0.%d.%d:5432", i/250, i%250+1)}
+				if tiered && i%4 == 3 {
+					ups[i].Tier = BackupTier
+				}
+			}
+			m := newMembership("", describedPool(ups...))
+			failed := make(bitset, 2)
+			b.Run(fmt.Sprintf("upstreams=%d/backups=%v", n, tiered), func(b *testing.B) {
+				b.ReportAllocs()
+				key := "203.0.113.9:51234"
+				for b.Loop() {
+					_ = m.tiers[0].pick(key, func(i int) bool { return !failed.has(i) })
+				}
+			})
+		}
+	}
+}
