@@ -34,7 +34,8 @@ func init() {
 //     now in each handler, and the order of preference behind it.
 //   - GET /godist/fingerprint: each handler's fingerprint and what it
 //     digests, to compare Caddy instances.
-//   - POST /godist/plan: what replacing a handler's upstreams would move.
+//   - POST /godist/plan: what replacing a handler's static upstreams would
+//     move.
 //
 // Every endpoint takes handler=<index> to ask one handler only. None
 // changes anything, and none costs more than about a second of one core
@@ -209,7 +210,7 @@ func servePlan(w http.ResponseWriter, r *http.Request, q url.Values) error {
 	if n := len(req.Upstreams); n > maxPlanUpstreams {
 		return apiErrorf(http.StatusRequestEntityTooLarge, "upstreams: %d proposed: a plan takes at most %d", n, maxPlanUpstreams)
 	}
-	if err := validateProposed(req.Upstreams); err != nil {
+	if err := validateProposed(req.Upstreams, all[index].source); err != nil {
 		return apiErrorf(http.StatusBadRequest, "%v", err)
 	}
 
@@ -224,7 +225,10 @@ func servePlan(w http.ResponseWriter, r *http.Request, q url.Values) error {
 	}
 	// The plan stops when its client goes away or the admin server stops.
 	res, err := all[index].plan(r.Context(), index, req.Upstreams)
-	if err != nil {
+	switch {
+	case errors.Is(err, errNothingToPlanFrom), errors.Is(err, errNothingToPlanTo):
+		return apiErrorf(http.StatusConflict, "plan: handler %d: %v", index, err)
+	case err != nil:
 		return apiErrorf(http.StatusServiceUnavailable, "plan: stopped before it was done: %v", err)
 	}
 	return writeJSON(w, res)

@@ -798,7 +798,7 @@ func TestAdminErrors(t *testing.T) {
 		{"plan too large", "POST", "/godist/plan", string(big), 413, fmt.Sprintf("request body: larger than %d bytes", maxPlanBody), ""},
 		{"plan too many upstreams", "POST", "/godist/plan", string(tooMany), 413,
 			fmt.Sprintf("upstreams: %d proposed: a plan takes at most %d", maxPlanUpstreams+1, maxPlanUpstreams), ""},
-		{"plan no upstreams", "POST", "/godist/plan", `{"upstreams": []}`, 400, "upstreams: at least one upstream is required", ""},
+		{"plan no upstreams", "POST", "/godist/plan", `{"upstreams": []}`, 400, "upstreams: at least one upstream is required, or a dynamic_upstreams source", ""},
 		{"plan null upstream", "POST", "/godist/plan", `{"upstreams": [null]}`, 400, "upstream 0: missing", ""},
 		{"plan bad weight", "POST", "/godist/plan", `{"upstreams": [{"dial": "127.0.0.1:1", "weight": -1}]}`, 400,
 			"upstream 0 (127.0.0.1:1): weight -1: must be at least 1", ""},

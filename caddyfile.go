@@ -4,6 +4,7 @@
 package godist
 
 import (
+	"fmt"
 	"math"
 	"strconv"
 
@@ -18,7 +19,10 @@ import (
 //		upstream <address> {
 //			weight <n>
 //			max_connections <n>
+//			tier <n>
+//			backup
 //		}
+//		dynamic a|srv|multi ...
 //		hash_key ip_port|ip|<placeholder string>
 //		dial_timeout <duration>
 //		idle_timeout <duration>
@@ -37,9 +41,12 @@ import (
 //	}
 //
 // The same-line upstreams, `to` and `upstream` all add to one list; an
-// upstream given by `to` or on the same line has weight 1. The same-line
-// form `godist localhost:4000 localhost:4001 localhost:4002` is the whole
-// of a godist.conf.
+// upstream given by `to` or on the same line has weight 1 and tier 0.
+// `backup` is tier 65536, the last. `dynamic` takes one upstream source,
+// as Caddy's HTTP reverse proxy does (docs/dynamic-upstreams.md); with it,
+// static upstreams are optional. The same-line form `godist
+// localhost:4000 localhost:4001 localhost:4002` is the whole of a
+// godist.conf.
 func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // consume directive name
 
@@ -65,6 +72,8 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			}
 		case "upstream":
 			err = p.upstreamBlock(h)
+		case "dynamic":
+			err = p.dynamicSource(h)
 		case "hash_key":
 			err = p.stringArg(&h.HashKey, func(s string) error { _, err := parseHashKey(s); return err })
 		case "dial_timeout":
@@ -101,16 +110,33 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		if err != nil {
 			return err
 		}
-		if option != "upstream" && d.NextBlock(nesting+1) {
+		if option != "upstream" && option != "dynamic" && d.NextBlock(nesting+1) {
 			return d.Errf("%s: does not take a block", option)
 		}
 	}
 
-	if len(h.Upstreams) == 0 {
+	if len(h.Upstreams) == 0 && h.DynamicUpstreamsRaw == nil {
 		d.Reset()
 		d.Next()
-		return d.Err("godist: no upstreams: list at least one, on the same line, with 'to', or with 'upstream'")
+		return d.Err("godist: no upstreams: list at least one, on the same line, with 'to', or with 'upstream', or give a 'dynamic' source")
 	}
+	return nil
+}
+
+// dynamicSource parses `dynamic <source> [<args...>] [{ ... }]`, the
+// source's own syntax after its name.
+func (p *optionParser) dynamicSource(h *Handler) error {
+	if err := p.once(); err != nil {
+		return err
+	}
+	if !p.d.NextArg() {
+		return p.d.ArgErr()
+	}
+	raw, err := unmarshalSource(p.d)
+	if err != nil {
+		return err
+	}
+	h.DynamicUpstreamsRaw = raw
 	return nil
 }
 
@@ -276,6 +302,19 @@ func (p *optionParser) upstreamBlock(h *Handler) error {
 			err = inner.positiveIntArg(&u.Weight)
 		case "max_connections":
 			err = inner.positiveIntArg(&u.MaxConnections)
+		case "tier":
+			if inner.seen["backup"] {
+				return d.Errf("upstream %s: tier: give tier or backup, not both", u.Dial)
+			}
+			err = inner.intArg(&u.Tier, 0, maxTier, fmt.Sprintf("a whole number from 0 to %d", maxTier))
+		case "backup":
+			if inner.seen["tier"] {
+				return d.Errf("upstream %s: backup: give tier or backup, not both", u.Dial)
+			}
+			if err = inner.once(); err == nil && d.NextArg() {
+				err = d.ArgErr()
+			}
+			u.Tier = BackupTier
 		default:
 			return d.Errf("upstream %s: unrecognized subdirective '%s'", u.Dial, option)
 		}

@@ -16,11 +16,9 @@ import (
 
 // TestDynamicUpstreamsDocs keeps docs/dynamic-upstreams.md honest: its
 // syntax blocks are the UnmarshalCaddyfile doc comments', it names every
-// JSON field of the sources, and each example's `dynamic` Caddyfile adapts
-// to its JSON's `dynamic_upstreams`.
-//
-// TODO(lead): once the handler takes `dynamic`, adapt each example whole,
-// as TestReadmeExample does.
+// JSON field of the sources, and each example's `dynamic` source alone
+// adapts to its JSON's `dynamic_upstreams` (TestDynamicAndTierExamples
+// adapts and runs each example whole).
 func TestDynamicUpstreamsDocs(t *testing.T) {
 	raw, err := os.ReadFile("docs/dynamic-upstreams.md")
 	if err != nil {

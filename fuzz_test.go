@@ -33,6 +33,9 @@ func FuzzCaddyfile(f *testing.F) {
 		"godist 127.0.0.1:1 {\n health_expect \\x4",
 		"godist {\n}",
 		"godist 127.0.0.1:1 { weight 2 }",
+		"godist 127.0.0.1:1 {\n upstream 127.0.0.1:2 {\n  tier 3\n }\n upstream 127.0.0.1:3 {\n  backup\n }\n}",
+		"godist {\n dynamic srv _pg._tcp.db.internal {\n  refresh 5s\n  resolvers 127.0.0.1:8600\n  grace_period 1m\n }\n}",
+		"godist {\n dynamic multi {\n  a db.internal 5432 {\n   versions ipv4\n  }\n  srv db.service.consul\n }\n}",
 	} {
 		f.Add(seed)
 	}

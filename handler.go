@@ -110,6 +110,7 @@ func (s *session) establish() {
 	h, down, d := s.h, s.down, &s.dial
 	key := h.hashKey.of(down)
 	s.key = key
+	d.members = h.members.Load() // one membership for the whole dial
 	h.dialUpstream(down, key, d)
 	if d.passedOver {
 		h.countFailovers(key, d)
@@ -162,7 +163,7 @@ func (h *Handler) connectionEnded(s *session) {
 			zap.String("client", s.client.String()),
 			zap.String("key", s.key),
 			zap.String("upstream", u.dial),
-			zap.Int("rank", h.rank(s.key, d.index)),
+			zap.Int("rank", d.members.rank(s.key, d.index)),
 			zap.Strings("skipped", h.describeSkipped(d)),
 			zap.Int("attempts", d.attempts),
 			zap.Int64("bytes_to_upstream", s.toUpstream),
@@ -198,8 +199,9 @@ var (
 
 // dialOutcome is the result of dialUpstream, with the decisions behind it.
 type dialOutcome struct {
-	upstream *upstream // reserved: release it when the connection ends
-	index    int
+	members  *membership // what the connection was hashed over
+	upstream *upstream   // reserved: release it when the connection ends
+	index    int         // of upstream, in members.pool
 	conn     net.Conn
 	attempts int
 	err      error // why no upstream answered, when conn is nil
@@ -211,90 +213,103 @@ type dialOutcome struct {
 	passedOver              bool // any upstream was skipped or failed
 }
 
-// dialUpstream dials the upstream that key prefers among the healthy ones
-// with room for a connection and, if that fails, the next ones in key's
-// order of preference, each bounded by dial_timeout. When no healthy
-// upstream answers, it goes on to the unhealthy ones in the same order,
-// since a health check can be wrong. An upstream at max_connections is
-// never dialled.
+// dialUpstream dials the upstream that key prefers among the usable ones
+// (healthy, with room for a connection) of the lowest tier that has any,
+// and, if that fails, the next ones in key's order of preference: the rest
+// of that tier's usable upstreams in their rendezvous order, then the
+// next tier's, each dial bounded by dial_timeout. When no usable upstream
+// of any tier answers, it goes on to the unhealthy ones in the same order,
+// tier by tier, since a health check can be wrong. An upstream at
+// max_connections is never dialled. It dials the upstreams of d.members.
 func (h *Handler) dialUpstream(down *layer4.Connection, key string, d *dialOutcome) {
-	n := len(h.pool)
+	m := d.members
+	n := len(m.pool)
 	d.unhealthy, d.full, d.failed = newBitset(d.small[0][:], n), newBitset(d.small[1][:], n), newBitset(d.small[2][:], n)
 	listenerNet := down.LocalAddr().Network()
 	var errs []error
 	var now int64 // read from the clock only if failed dials are on record
 	for _, healthyOnly := range [...]bool{true, false} {
-		for {
-			i := h.picker.Pick(key, func(i int) bool {
-				if d.failed.has(i) || d.full.has(i) {
-					return false
+		for k := range m.tiers {
+			t := &m.tiers[k]
+			for {
+				i := t.pick(key, func(i int) bool {
+					if d.failed.has(i) || d.full.has(i) {
+						return false
+					}
+					if healthyOnly && h.usability(m.pool[i], &now)&downReasons != 0 {
+						d.unhealthy.set(i)
+						d.passedOver = true
+						return false
+					}
+					return true
+				})
+				if i < 0 {
+					break
 				}
-				if healthyOnly && h.usability(h.pool[i], &now)&downReasons != 0 {
-					d.unhealthy.set(i)
+				u := m.pool[i]
+				if now != 0 {
+					h.noticeRecovery(u, now)
+				}
+				if !u.reserve() {
+					d.full.set(i)
 					d.passedOver = true
-					return false
+					continue
 				}
-				return true
-			})
-			if i < 0 {
-				break
-			}
-			u := h.pool[i]
-			if now != 0 {
-				h.noticeRecovery(u, now)
-			}
-			if !u.reserve() {
-				d.full.set(i)
+				d.attempts++
+				conn, err := h.dialer.Dial(u.dialNetwork(listenerNet), u.address)
+				if err == nil {
+					d.upstream, d.index, d.conn = u, i, conn
+					return
+				}
+				u.release()
+				d.failed.set(i)
 				d.passedOver = true
-				continue
+				if !isLocalResourceError(err) {
+					h.countDialFailure(u)
+				}
+				h.failLog.log(h.logger, "dial upstream",
+					zap.String("upstream", u.dial),
+					zap.String("client", down.RemoteAddr().String()),
+					zap.Error(err))
+				errs = append(errs, fmt.Errorf("upstream %s: %w", u.dial, err))
 			}
-			d.attempts++
-			conn, err := h.dialer.Dial(u.dialNetwork(listenerNet), u.address)
-			if err == nil {
-				d.upstream, d.index, d.conn = u, i, conn
-				return
-			}
-			u.release()
-			d.failed.set(i)
-			d.passedOver = true
-			if !isLocalResourceError(err) {
-				h.countDialFailure(u)
-			}
-			h.failLog.log(h.logger, "dial upstream",
-				zap.String("upstream", u.dial),
-				zap.String("client", down.RemoteAddr().String()),
-				zap.Error(err))
-			errs = append(errs, fmt.Errorf("upstream %s: %w", u.dial, err))
 		}
 	}
-	if d.attempts == 0 {
+	switch {
+	case n == 0:
+		errs = append(errs, errEmptyPool)
+	case d.attempts == 0:
 		errs = append(errs, errAllFull)
 	}
 	d.err = errors.Join(errs...)
 }
 
-var errAllFull = errors.New("every upstream is at max_connections")
+var (
+	errAllFull   = errors.New("every upstream is at max_connections")
+	errEmptyPool = errors.New("no upstreams: the dynamic source has found none yet, and no static upstream is configured")
+)
 
 // countFailovers counts a failover away from each upstream that the key
 // prefers to the one the connection got (or every upstream, if it got
 // none) and that was passed over: down, full, or failing to answer.
 func (h *Handler) countFailovers(key string, d *dialOutcome) {
 	var buf [16]int
-	for _, i := range h.picker.Order(key, buf[:0]) {
+	m := d.members
+	for _, i := range m.order(key, buf[:0]) {
 		if d.conn != nil && i == d.index {
 			return
 		}
 		if d.failed.has(i) || d.full.has(i) || d.unhealthy.has(i) {
-			h.pool[i].state.failovers.Add(1)
+			m.pool[i].state.failovers.Add(1)
 		}
 	}
 }
 
-// rank returns the place of upstream i in key's order of preference,
-// 1 for its first choice.
-func (h *Handler) rank(key string, i int) int {
+// rank returns the place of upstream i in key's order of preference over
+// the membership, 1 for its first choice.
+func (m *membership) rank(key string, i int) int {
 	var buf [16]int
-	for r, j := range h.picker.Order(key, buf[:0]) {
+	for r, j := range m.order(key, buf[:0]) {
 		if j == i {
 			return r + 1
 		}
@@ -306,7 +321,7 @@ func (h *Handler) rank(key string, i int) int {
 // why, for its debug log line.
 func (h *Handler) describeSkipped(d *dialOutcome) []string {
 	var out []string
-	for i, u := range h.pool {
+	for i, u := range d.members.pool {
 		switch {
 		case d.failed.has(i):
 			out = append(out, u.dial+": dial failed")

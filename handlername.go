@@ -80,5 +80,9 @@ type handlerInfo struct {
 //
 //	return handlerInfo{h.name, h.fingerprint, h.opStore.snapshot().digest}
 func (h *Handler) info() handlerInfo {
-	return handlerInfo{name: defaultHandlerName, fingerprint: h.fingerprint, operatorState: opDigestNone}
+	fp := ""
+	if m := h.members.Load(); m != nil {
+		fp = m.fingerprint
+	}
+	return handlerInfo{name: defaultHandlerName, fingerprint: fp, operatorState: opDigestNone}
 }

@@ -51,7 +51,12 @@ func TestValidateHandlerName(t *testing.T) {
 // TestCollectHandlerInfo checks that handlers alike make one info series,
 // and handlers that differ one each.
 func TestCollectHandlerInfo(t *testing.T) {
-	handlers := []*Handler{{fingerprint: "aaaa"}, {fingerprint: "aaaa"}, {fingerprint: "bbbb"}}
+	withFingerprint := func(fp string) *Handler {
+		h := new(Handler)
+		h.members.Store(&membership{fingerprint: fp})
+		return h
+	}
+	handlers := []*Handler{withFingerprint("aaaa"), withFingerprint("aaaa"), withFingerprint("bbbb")}
 	ch := make(chan prometheus.Metric, 10)
 	collectHandlerInfo(ch, handlers)
 	close(ch)

@@ -5,11 +5,13 @@ package godist
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"fmt"
 	"io"
 	"net"
 	"strconv"
+	"sync/atomic"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -42,8 +44,10 @@ type HealthChecks struct {
 	Passive *PassiveHealthChecks `json:"passive,omitempty"`
 }
 
-// ActiveHealthChecks probe every upstream on a timer, one background loop
-// per upstream, which ends with the config that started it. A check
+// ActiveHealthChecks probe every upstream on a timer, static and
+// discovered alike, one background loop per upstream, which ends with the
+// config that started it, or when a discovered upstream leaves its
+// source's set. A check
 // connects to the upstream; with `send` it then writes those bytes, and
 // with `expect` the reply must start with those bytes. A check never
 // delays a client's connection. For a UDP upstream a check sends `send`
@@ -205,51 +209,109 @@ func (h *Handler) countDialFailure(u *upstream) {
 	}
 }
 
-// startActiveChecks starts one check loop per upstream; each ends when the
-// config that started it is unloaded (h.ctx is done).
-func (h *Handler) startActiveChecks() {
+// checker is the active check loop of one upstream in one handler. It
+// runs from the moment the upstream joins the handler's membership (when
+// the handler is provisioned, or when its source finds the upstream)
+// until the upstream leaves it or the config is unloaded, whichever comes
+// first; so no check loop outlives its config.
+//
+// Its states: running, then stopped, once. The handler starts and stops
+// checkers under its memberMu (syncCheckersLocked, Cleanup). stop sets
+// stopped first, so that a check still in flight is not counted after it
+// (recordActiveCheck reads the flag under the state's lock), then ends
+// the loop, then tells the state that one checker fewer runs.
+type checker struct {
+	u       *upstream
+	cancel  context.CancelFunc
+	stopped atomic.Bool
+}
+
+// stop ends the checker. It is called once, under the handler's memberMu.
+func (c *checker) stop() {
+	c.stopped.Store(true)
+	c.cancel()
+	c.u.state.checkerStopped()
+}
+
+// syncCheckersLocked starts a check loop for each upstream of m that has
+// none, and stops those of upstreams that are no longer in m. The caller
+// holds h.memberMu. A loop's first check runs at once; its later ones are
+// spread over the interval by the upstream's place in the pool, rather
+// than probing every upstream at the same instant.
+func (h *Handler) syncCheckersLocked(m *membership) {
 	a := h.HealthChecks.Active
 	if a == nil {
 		return
 	}
-	for i, u := range h.pool {
+	keep := make(map[string]bool, len(m.pool))
+	for i, u := range m.pool {
+		keep[u.dial] = true
+		if _, known := h.checkers[u.dial]; known {
+			continue
+		}
 		if isUDP(u.network) && a.Send == "" {
 			h.logger.Warn("not health-checking a UDP upstream: there is nothing to connect to without health_send",
 				zap.String("upstream", u.dial))
+			h.checkers[u.dial] = nil // known, not checked
 			continue
 		}
-		// Spread the upstreams' checks over the interval rather than
-		// probing all of them at the same instant.
-		offset := time.Duration(a.Interval) * time.Duration(i) / time.Duration(len(h.pool))
-		u.checked = true
+		offset := time.Duration(a.Interval) * time.Duration(i) / time.Duration(len(m.pool))
+		ctx, cancel := context.WithCancel(h.runCtx)
+		c := &checker{u: u, cancel: cancel}
 		u.state.checkerStarted()
-		go h.checkLoop(u, offset)
+		h.checkers[u.dial] = c
+		h.goroutines.Go(func() { h.checkLoop(ctx, c, offset) })
+	}
+	for dial, c := range h.checkers {
+		if !keep[dial] {
+			if c != nil {
+				c.stop()
+			}
+			delete(h.checkers, dial)
+		}
 	}
 }
 
-// checkLoop checks u right away, then every interval, until h.ctx is done.
-func (h *Handler) checkLoop(u *upstream, offset time.Duration) {
+// checkLoop checks c's upstream right away, then every interval, until
+// ctx is done.
+func (h *Handler) checkLoop(ctx context.Context, c *checker, offset time.Duration) {
 	a := h.HealthChecks.Active
-	h.recordCheck(u, h.checkOnce(u))
+	h.checkAndRecord(ctx, c)
+	wait := time.NewTimer(offset)
+	defer wait.Stop()
 	select {
-	case <-h.ctx.Done():
+	case <-ctx.Done():
 		return
-	case <-time.After(offset):
+	case <-wait.C:
 	}
 	ticker := time.NewTicker(time.Duration(a.Interval))
 	defer ticker.Stop()
 	for {
 		select {
-		case <-h.ctx.Done():
+		case <-ctx.Done():
 			return
 		case <-ticker.C:
-			h.recordCheck(u, h.checkOnce(u))
+			h.checkAndRecord(ctx, c)
 		}
 	}
 }
 
+// checkAndRecord runs one check and counts it, unless ctx ended meanwhile:
+// a check cut short by its config's unloading says nothing of the
+// upstream, and must not count against it in the config that replaces
+// this one, which may still be checking it (the stopped flag is set only
+// later, by Cleanup).
+func (h *Handler) checkAndRecord(ctx context.Context, c *checker) {
+	err := h.checkOnce(ctx, c.u)
+	if ctx.Err() != nil {
+		return
+	}
+	h.recordCheck(c, err)
+}
+
 // checkOnce runs one active check of u and returns why it failed, or nil.
-func (h *Handler) checkOnce(u *upstream) error {
+// It ends at once when ctx is done: its checker was stopped.
+func (h *Handler) checkOnce(ctx context.Context, u *upstream) error {
 	a := h.HealthChecks.Active
 	network := u.dialNetwork("tcp")
 	address := u.address
@@ -261,11 +323,15 @@ func (h *Handler) checkOnce(u *upstream) error {
 		address = net.JoinHostPort(host, strconv.Itoa(a.Port))
 	}
 	timeout := time.Duration(a.Timeout)
-	conn, err := net.DialTimeout(network, address, timeout)
+	dialer := net.Dialer{Timeout: timeout, KeepAlive: -1}
+	conn, err := dialer.DialContext(ctx, network, address)
 	if err != nil {
 		return err
 	}
 	defer conn.Close()
+	// A stopped checker does not wait for a slow reply.
+	stopRead := context.AfterFunc(ctx, func() { _ = conn.Close() })
+	defer stopRead()
 	if err := conn.SetDeadline(time.Now().Add(timeout)); err != nil {
 		return err
 	}
@@ -296,11 +362,11 @@ func (h *Handler) checkOnce(u *upstream) error {
 
 // recordCheck counts a check's outcome against rise and fall, and logs a
 // change of state.
-func (h *Handler) recordCheck(u *upstream, checkErr error) {
-	a := h.HealthChecks.Active
-	changed, up, counted := u.state.recordActiveCheck(&h.cleanedUp, checkErr == nil, a.Rise, a.Fall, checkErr)
+func (h *Handler) recordCheck(c *checker, checkErr error) {
+	a, u := h.HealthChecks.Active, c.u
+	changed, up, counted := u.state.recordActiveCheck(&c.stopped, checkErr == nil, a.Rise, a.Fall, checkErr)
 	if !counted {
-		return // the config was unloaded while the check ran
+		return // the checker was stopped while the check ran
 	}
 	if up && u.state.clearFailures(time.Now().UnixNano()) {
 		// It just accepted a connection from the checker: the dials that

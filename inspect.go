@@ -32,6 +32,14 @@ type handlerStatus struct {
 	FailDuration string `json:"fail_duration"` // "0s" when passive checks are off
 	MaxFails     int    `json:"max_fails"`
 
+	// The tier that serves new connections: the lowest with a usable
+	// upstream; null when none has one.
+	ServingTier *int `json:"serving_tier"`
+
+	// Each lookup of the handler's dynamic_upstreams, if it has any: its
+	// last success, failures and records.
+	Sources []SourceStatus `json:"sources,omitempty"`
+
 	Upstreams []upstreamStatus `json:"upstreams"`
 }
 
@@ -39,8 +47,17 @@ type handlerStatus struct {
 // handler's view; its counts are per dial address, shared by every
 // handler and config that names the upstream, as the metrics are.
 type upstreamStatus struct {
-	Dial              string         `json:"dial"`
-	Weight            int            `json:"weight"`
+	Dial   string `json:"dial"`
+	Weight int    `json:"weight"`
+	Tier   int    `json:"tier"`
+
+	// "static", or the name of the lookup that found it
+	// (`srv:_pg._tcp.db.internal`).
+	Source string `json:"source"`
+	// For a discovered upstream, when its lookup last succeeded: the set
+	// it belongs to is at least that fresh.
+	LastRefresh *time.Time `json:"last_refresh,omitempty"`
+
 	MaxConnections    int            `json:"max_connections"` // 0: no limit
 	Health            healthStatus   `json:"health"`
 	ActiveConnections int64          `json:"active_connections"` // open or being dialled, over all handlers
@@ -91,9 +108,11 @@ const (
 
 // status returns the handler's state and its upstreams', as of now.
 func (h *Handler) status(index int, now time.Time) handlerStatus {
+	m := h.members.Load()
+	nanos := now.UnixNano()
 	hs := handlerStatus{
 		Handler:        index,
-		Fingerprint:    h.fingerprint,
+		Fingerprint:    m.fingerprint,
 		HashKey:        h.hashKeyName(),
 		Connections:    h.sessions.len(),
 		MaxConnections: h.MaxConnections,
@@ -102,13 +121,26 @@ func (h *Handler) status(index int, now time.Time) handlerStatus {
 		ActiveChecks:   h.HealthChecks.Active != nil,
 		FailDuration:   h.failWindow().String(),
 		MaxFails:       h.HealthChecks.Passive.MaxFails,
-		Upstreams:      make([]upstreamStatus, len(h.pool)),
+		Upstreams:      make([]upstreamStatus, len(m.pool)),
 	}
-	for i, u := range h.pool {
+	if k := h.servingTier(m, &nanos); k >= 0 {
+		hs.ServingTier = &m.tiers[k].number
+	}
+	refreshed := make(map[string]*time.Time)
+	if h.source != nil {
+		hs.Sources = h.source.Status()
+		for _, st := range hs.Sources {
+			refreshed[st.Source] = timeOrNil(st.LastSuccess)
+		}
+	}
+	for i, u := range m.pool {
 		st := u.state
 		hs.Upstreams[i] = upstreamStatus{
 			Dial:              u.dial,
 			Weight:            u.weight,
+			Tier:              u.tier,
+			Source:            u.source,
+			LastRefresh:       refreshed[u.source],
 			MaxConnections:    u.maxConns,
 			Health:            h.healthStatus(u, now),
 			ActiveConnections: st.active.Load(),
@@ -230,12 +262,19 @@ type pickStatus struct {
 	// of them with room.
 	Fallback bool `json:"fallback"`
 
+	// The tier that serves: the lowest with a usable upstream; null when
+	// none has one (Fallback).
+	ServingTier *int `json:"serving_tier"`
+
+	// The key's order of preference: the lowest tier's upstreams in the
+	// key's rendezvous order, then the next tier's, and so on.
 	Order []pickChoice `json:"order"`
 }
 
 // pickChoice is one upstream in a key's order of preference.
 type pickChoice struct {
 	Dial   string `json:"dial"`
+	Tier   int    `json:"tier"`
 	Rank   int    `json:"rank"` // 1 for the key's first choice
 	Usable bool   `json:"usable"`
 	WhyNot string `json:"why_not,omitempty"`
@@ -243,35 +282,45 @@ type pickChoice struct {
 
 // pick returns where key goes now: the upstream the handler's dial loop
 // would try first for it, skipping, as its first pass does, upstreams that
-// are down or full, and falling back to the unhealthy ones when none is
-// usable.
+// are down or full and tiers above the serving one, and falling back to
+// the unhealthy ones when none is usable.
 func (h *Handler) pick(index int, key string, now time.Time) pickStatus {
-	n := len(h.pool)
-	whyNot := make([]string, n)
-	full := make([]bool, n)
+	m := h.members.Load()
+	n := len(m.pool)
 	nanos := now.UnixNano()
-	for i, u := range h.pool {
-		why := h.usability(u, &nanos)
-		full[i] = why&atMaxConnections != 0
-		whyNot[i] = why.describe(u)
-	}
+	serving := h.servingTier(m, &nanos)
+	servingNumber := -1
 	ps := pickStatus{
 		Handler:     index,
-		Fingerprint: h.fingerprint,
+		Fingerprint: m.fingerprint,
 		HashKey:     h.hashKeyName(),
 		Key:         key,
+		Fallback:    serving < 0,
 		Order:       make([]pickChoice, 0, n),
 	}
-	chosen := h.picker.Pick(key, func(i int) bool { return whyNot[i] == "" })
-	if chosen < 0 {
-		ps.Fallback = true
-		chosen = h.picker.Pick(key, func(i int) bool { return !full[i] })
+	if serving >= 0 {
+		servingNumber = m.tiers[serving].number
+		ps.ServingTier = &m.tiers[serving].number
 	}
-	for r, i := range h.picker.Order(key, make([]int, 0, n)) {
-		ps.Order = append(ps.Order, pickChoice{Dial: h.pool[i].dial, Rank: r + 1, Usable: whyNot[i] == "", WhyNot: whyNot[i]})
-		if i == chosen {
-			ps.Upstream, ps.Rank = &h.pool[i].dial, r+1
+	// The dial loop's first pass takes the first usable upstream in the
+	// key's order; with none usable, its second takes the first with room.
+	chosen, firstWithRoom := -1, -1
+	for r, i := range m.order(key, make([]int, 0, n)) {
+		u := m.pool[i]
+		why := h.usabilityIn(m, i, serving, &nanos)
+		if why == 0 && chosen < 0 {
+			chosen = r
 		}
+		if why&atMaxConnections == 0 && firstWithRoom < 0 {
+			firstWithRoom = r
+		}
+		ps.Order = append(ps.Order, pickChoice{Dial: u.dial, Tier: u.tier, Rank: r + 1, Usable: why == 0, WhyNot: why.describe(u, servingNumber)})
+	}
+	if chosen < 0 {
+		chosen = firstWithRoom
+	}
+	if chosen >= 0 {
+		ps.Upstream, ps.Rank = &ps.Order[chosen].Dial, chosen+1
 	}
 	return ps
 }
@@ -291,20 +340,23 @@ type fingerprintStatus struct {
 type weightedUpstream struct {
 	Dial   string `json:"dial"`
 	Weight int    `json:"weight"`
+	Tier   int    `json:"tier,omitempty"`
 }
 
-// fingerprintStatus returns the handler's fingerprint and its parts.
+// fingerprintStatus returns the handler's fingerprint and its parts: of
+// its upstreams now, the discovered ones included.
 func (h *Handler) fingerprintStatus(index int) fingerprintStatus {
-	ups := make([]weightedUpstream, len(h.pool))
-	for i, u := range h.pool {
-		ups[i] = weightedUpstream{Dial: u.dial, Weight: u.weight}
+	m := h.members.Load()
+	ups := make([]weightedUpstream, len(m.pool))
+	for i, u := range m.pool {
+		ups[i] = weightedUpstream{Dial: u.dial, Weight: u.weight, Tier: u.tier}
 	}
 	return fingerprintStatus{
 		Handler:     index,
-		Fingerprint: h.fingerprint,
+		Fingerprint: m.fingerprint,
 		HashVersion: HashVersion,
 		HashKey:     h.hashKeyName(),
 		Upstreams:   ups,
-		Digested:    fingerprintText(h.HashKey, h.Upstreams),
+		Digested:    m.digested,
 	}
 }

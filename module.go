@@ -8,9 +8,12 @@
 package godist
 
 import (
+	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -42,12 +45,26 @@ const (
 // chosen upstream cannot be dialled, the connection fails over to the next
 // upstream in its key's order of preference.
 type Handler struct {
-	// The upstreams to balance over, at least one. Each is a Caddy network
-	// address (`host:port`, `[::1]:port`, `tcp/host:port`, `udp/host:port`,
-	// `unix//path`) and an optional weight. An address without a network
+	// The upstreams to balance over: at least one, unless dynamic_upstreams
+	// finds them. Each is a Caddy network address (`host:port`,
+	// `[::1]:port`, `tcp/host:port`, `udp/host:port`, `unix//path`), an
+	// optional weight and an optional tier. An address without a network
 	// uses the network of the listener the connection came in on: tcp for
 	// TCP listeners, udp for UDP listeners.
+	//
+	// Default: none.
 	Upstreams []*Upstream `json:"upstreams,omitempty"`
+
+	// A source that finds more upstreams in DNS, in the background: an
+	// object naming its module in `source`, `a` (A/AAAA records), `srv`
+	// (SRV records) or `multi` (several sources), with that module's
+	// options (docs/dynamic-upstreams.md). Its upstreams join the static
+	// ones; a connection hashes over the last good set the source found,
+	// never waiting for a lookup, and a failed lookup keeps that set. An
+	// address found that is also a static upstream is the static one.
+	//
+	// Default: none (the static upstreams only).
+	DynamicUpstreamsRaw json.RawMessage `json:"dynamic_upstreams,omitempty" caddy:"namespace=layer4.handlers.godist.upstreams inline_key=source"`
 
 	// What a connection is hashed by:
 	//
@@ -107,16 +124,34 @@ type Handler struct {
 	logger    *zap.Logger
 	failLog   *logLimiter // error lines on the per-connection path
 	hashKey   hashKey
-	picker    *Picker
-	pool      []*upstream // provisioned Upstreams, in the same order
 	dialer    net.Dialer
 	passive   bool // whether failed dials count against upstreams
 	ppVersion byte // PROXY protocol version to send, 0 for none
 
-	engine      *pipe.Lease // holds the engine while this handler may pipe
-	fingerprint string      // digest of everything that decides a pick
-	cleanedUp   atomic.Bool
-	sessions    sessionList // connections flowing through this handler now
+	// members is the membership every connection hashes over: see the
+	// rules in membership.go. Never nil once Provision has returned.
+	members atomic.Pointer[membership]
+	static  []*upstream    // provisioned Upstreams, in the same order
+	source  UpstreamSource // the loaded dynamic_upstreams, or nil
+	lastSet *lastGoodSet   // the source's last good set, for the config after this one
+
+	// memberMu orders the changes of membership (setDiscovered) and
+	// Cleanup; the fields below it are guarded by it.
+	memberMu sync.Mutex
+	checkers map[string]*checker // by dial address; nil for a UDP upstream not checked
+	started  bool                // Provision has logged the first membership
+	closed   bool                // Cleanup has run: change nothing more
+
+	// runCtx ends when the config is unloaded or Cleanup runs; every
+	// goroutine of the handler (the source's watch, the check loops) ends
+	// with it, and is counted in goroutines, which Cleanup waits for.
+	runCtx     context.Context
+	stop       context.CancelFunc
+	goroutines sync.WaitGroup
+
+	engine    *pipe.Lease // holds the engine while this handler may pipe
+	cleanedUp atomic.Bool
+	sessions  sessionList // connections flowing through this handler now
 
 	active     atomic.Int64  // connections piped by this handler now
 	rejected   atomic.Uint64 // connections closed over max_connections
@@ -144,6 +179,17 @@ type Upstream struct {
 	//
 	// Default: 0.
 	MaxConnections int `json:"max_connections,omitempty"`
+
+	// The upstream's tier, 0-65536: a connection hashes over the lowest
+	// tier that has a usable upstream (up and not full); the higher tiers
+	// are backups, and a key whose tier has none usable goes to the next
+	// tier by that tier's own order. Discovered upstreams are in tier 0
+	// (A/AAAA) or in their SRV priority's tier, so the tiers of static and
+	// discovered upstreams compare. `backup` in the Caddyfile is tier
+	// 65536, the last: it serves only when no other upstream is usable.
+	//
+	// Default: 0.
+	Tier int `json:"tier,omitempty"`
 }
 
 // CaddyModule returns the Caddy module information.
@@ -154,14 +200,31 @@ func (*Handler) CaddyModule() caddy.ModuleInfo {
 	}
 }
 
-// Provision fills in the defaults, checks the result with Validate before
-// it starts anything, and builds the picker and the upstreams' state.
+// Provision loads the dynamic upstream source, fills in the defaults,
+// checks the result with Validate before it starts anything, then builds
+// the first membership and starts the health checks and the source's
+// watch.
 func (h *Handler) Provision(ctx caddy.Context) error {
 	h.ctx = ctx
 	h.logger = ctx.Logger()
 	h.failLog = newLogLimiter()
 	if err := registerMetrics(ctx.GetMetricsRegistry()); err != nil {
 		return fmt.Errorf("registering metrics: %w", err)
+	}
+	if len(h.DynamicUpstreamsRaw) > 0 {
+		key := sourceKey(h.DynamicUpstreamsRaw) // before LoadModule drops the JSON
+		mod, err := ctx.LoadModule(h, "DynamicUpstreamsRaw")
+		if err != nil {
+			return fmt.Errorf("dynamic_upstreams: %w", err)
+		}
+		src, ok := mod.(UpstreamSource)
+		if !ok {
+			return fmt.Errorf("dynamic_upstreams: %T is not an upstream source", mod)
+		}
+		h.source = src
+		if h.lastSet, err = loadLastGoodSet(key); err != nil {
+			return fmt.Errorf("dynamic_upstreams: %w", err)
+		}
 	}
 
 	if h.DialTimeout == 0 {
@@ -185,7 +248,6 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 
 	h.hashKey, _ = newHashKey(h.HashKey)                 // checked by Validate
 	h.ppVersion, _ = parseProxyProtocol(h.ProxyProtocol) // likewise
-	pickerUpstreams := make([]PickerUpstream, 0, len(h.Upstreams))
 	for i, u := range h.Upstreams {
 		pu, err := newUpstream(u)
 		if err != nil {
@@ -193,22 +255,44 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 			// the upstreams already taken.
 			return fmt.Errorf("upstream %d (%s): %w", i, u.Dial, err)
 		}
-		h.pool = append(h.pool, pu)
-		pickerUpstreams = append(pickerUpstreams, PickerUpstream{Dial: u.Dial, Weight: u.Weight})
+		h.static = append(h.static, pu)
 	}
-	h.picker = NewPicker(pickerUpstreams)
-	h.fingerprint = fingerprint(h.HashKey, h.Upstreams)
 	// No TCP keepalive on upstream connections, as HAProxy, nginx and
 	// Envoy do by default: it costs four system calls per connection, and
 	// idle_timeout is the way to bound idle connections.
 	h.dialer = net.Dialer{Timeout: time.Duration(h.DialTimeout), KeepAlive: -1}
-	h.logger.Info("godist handler provisioned",
-		zap.String("fingerprint", h.fingerprint),
-		zap.String("hash_key", h.hashKey.kind.String()),
-		zap.Int("upstreams", len(h.pool)))
+
+	// From here on, nothing fails: the first membership is the static
+	// upstreams and the last good set of the config this one replaces,
+	// if it had the same source, so that a reload serves on at once.
+	h.runCtx, h.stop = context.WithCancel(ctx)
+	h.checkers = make(map[string]*checker)
+	var seed []DiscoveredUpstream
+	if h.lastSet != nil {
+		seed = h.lastSet.load()
+	}
+	h.memberMu.Lock()
+	h.installLocked(seed)
+	h.memberMu.Unlock()
 	h.engine = pipe.Acquire(h.logger)
 	liveHandlers.add(h)
-	h.startActiveChecks()
+	if h.source != nil {
+		h.watchSource(seed != nil)
+	}
+
+	h.memberMu.Lock()
+	h.started = true
+	m := h.members.Load()
+	h.memberMu.Unlock()
+	fields := []zap.Field{
+		zap.String("fingerprint", m.fingerprint),
+		zap.String("hash_key", h.hashKey.kind.String()),
+		zap.Int("upstreams", len(m.pool)),
+	}
+	if h.source != nil {
+		fields = append(fields, zap.Int("discovered", len(m.pool)-len(h.static)))
+	}
+	h.logger.Info("godist handler provisioned", fields...)
 	return nil
 }
 
@@ -218,8 +302,8 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 // Provision calls it before it starts anything, POST /godist/plan calls it
 // on a proposed upstream list, and the tests and fuzzers call it directly.
 func (h *Handler) Validate() error {
-	if len(h.Upstreams) == 0 {
-		return errors.New("upstreams: at least one upstream is required")
+	if len(h.Upstreams) == 0 && len(h.DynamicUpstreamsRaw) == 0 && h.source == nil {
+		return errors.New("upstreams: at least one upstream is required, or a dynamic_upstreams source")
 	}
 	if err := validateUpstreams(h.Upstreams); err != nil {
 		return err
@@ -262,6 +346,9 @@ func validateUpstreams(ups []*Upstream) error {
 		if u.MaxConnections < 0 {
 			return fmt.Errorf("upstream %d (%s): max_connections %d: must not be negative", i, u.Dial, u.MaxConnections)
 		}
+		if u.Tier < 0 || u.Tier > maxTier {
+			return fmt.Errorf("upstream %d (%s): tier %d: must be from 0 to %d (backup)", i, u.Dial, u.Tier, maxTier)
+		}
 		if j, dup := seen[u.Dial]; dup {
 			return fmt.Errorf("upstream %d (%s): the same dial address as upstream %d", i, u.Dial, j)
 		}
@@ -270,9 +357,10 @@ func validateUpstreams(ups []*Upstream) error {
 	return nil
 }
 
-// Cleanup releases the upstreams' shared state. Connections still flowing
-// keep their own reference to it and finish undisturbed. The active health
-// checks stop by themselves: the config's context is done.
+// Cleanup stops the handler's goroutines (the source's watch and the
+// check loops), waits for them, and releases the upstreams' shared
+// state. Connections still flowing keep their own reference to it and
+// finish undisturbed.
 // Cleanup may run more than once (after a failed Provision, say); only
 // the first does anything.
 func (h *Handler) Cleanup() error {
@@ -280,20 +368,63 @@ func (h *Handler) Cleanup() error {
 		return nil
 	}
 	liveHandlers.remove(h)
+	h.memberMu.Lock()
+	h.closed = true
+	for _, c := range h.checkers {
+		if c != nil {
+			c.stop()
+		}
+	}
+	h.checkers = nil
+	m := h.members.Load()
+	h.memberMu.Unlock()
+	if h.stop != nil {
+		h.stop()
+		if !waitGroupWithin(&h.goroutines, cleanupWait) {
+			h.logger.Warn("godist handler unloaded before its background work ended", zap.Duration("waited", cleanupWait))
+		}
+	}
 	if h.engine != nil {
 		// Connections still flowing keep the engine's parts they use; the
 		// reactor stops once none is parked and no handler holds it.
 		h.engine.Release()
 	}
-	// The pool itself stays: a connection accepted by the old config's
-	// listener just before it closed is still handled by this handler.
-	for _, u := range h.pool {
-		if u.checked {
-			u.state.checkerStopped()
-		}
+	// The membership itself stays: a connection accepted by the old
+	// config's listener just before it closed is still handled by this
+	// handler.
+	held := h.static // a Provision that failed built no membership
+	if m != nil {
+		held = m.pool
+	}
+	for _, u := range held {
 		u.releaseConfig()
 	}
+	if h.lastSet != nil {
+		h.lastSet.release()
+	}
 	return nil
+}
+
+// cleanupWait bounds how long Cleanup waits for the handler's goroutines:
+// each ends within a moment of its context, since lookups, dials and
+// health checks all follow it.
+const cleanupWait = 5 * time.Second
+
+// waitGroupWithin waits for wg, at most d, and reports whether it ended.
+func waitGroupWithin(wg *sync.WaitGroup, d time.Duration) bool {
+	done := make(chan struct{})
+	go func() {
+		wg.Wait()
+		close(done)
+	}()
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-done:
+		return true
+	case <-t.C:
+		return false
+	}
 }
 
 // Interface guards

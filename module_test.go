@@ -103,6 +103,40 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 			want:  `{"upstreams":[{"dial":"127.0.0.1:22"}],"health_checks":{"active":{"expect":"SSH-2.0-"}}}`,
 		},
 		{
+			name: "tiers",
+			input: `godist 10.0.0.1:5432 {
+				upstream 10.0.0.2:5432 {
+					tier 1
+				}
+				upstream 10.0.0.3:5432 {
+					backup
+					weight 2
+				}
+			}`,
+			want: `{"upstreams":[{"dial":"10.0.0.1:5432"},{"dial":"10.0.0.2:5432","tier":1},{"dial":"10.0.0.3:5432","weight":2,"tier":65536}]}`,
+		},
+		{
+			name: "a dynamic source and no static upstream",
+			input: `godist {
+				dynamic srv _pg._tcp.db.internal {
+					refresh 5s
+					resolvers 127.0.0.1:8600
+				}
+				hash_key ip
+			}`,
+			want: `{"dynamic_upstreams":{"source":"srv","name":"_pg._tcp.db.internal","refresh":5000000000,"resolver":{"addresses":["127.0.0.1:8600"]}},"hash_key":"ip"}`,
+		},
+		{
+			name: "a dynamic source beside a static backup",
+			input: `godist {
+				upstream 10.0.9.1:5432 {
+					backup
+				}
+				dynamic a db.internal 5432
+			}`,
+			want: `{"upstreams":[{"dial":"10.0.9.1:5432","tier":65536}],"dynamic_upstreams":{"source":"a","name":"db.internal","port":"5432"}}`,
+		},
+		{
 			name:  "durations in days",
 			input: "godist 127.0.0.1:1 {\n idle_timeout 1d\n}",
 			want:  `{"upstreams":[{"dial":"127.0.0.1:1"}],"idle_timeout":86400000000000}`,
@@ -127,7 +161,7 @@ func TestUnmarshalCaddyfileErrors(t *testing.T) {
 		input   string
 		wantErr string
 	}{
-		{name: "no upstreams", input: "godist", wantErr: "godist: no upstreams: list at least one, on the same line, with 'to', or with 'upstream', at Testfile:1"},
+		{name: "no upstreams", input: "godist", wantErr: "godist: no upstreams: list at least one, on the same line, with 'to', or with 'upstream', or give a 'dynamic' source, at Testfile:1"},
 		{name: "no upstreams in block", input: "godist {\n hash_key ip\n}", wantErr: "godist: no upstreams"},
 		{name: "unknown subdirective", input: "godist 127.0.0.1:1 {\n lb_policy first\n}", wantErr: "unrecognized subdirective 'lb_policy', at Testfile:2"},
 		{name: "to without args", input: "godist {\n to\n}", wantErr: "wrong argument count or unexpected line ending after 'to', at Testfile:2"},
@@ -156,6 +190,16 @@ func TestUnmarshalCaddyfileErrors(t *testing.T) {
 		{name: "negative fail_duration", input: "godist 127.0.0.1:1 {\n fail_duration -1s\n}", wantErr: "fail_duration: -1s: must not be negative"},
 		{name: "max_connections zero", input: "godist 127.0.0.1:1 {\n max_connections 0\n}", wantErr: `max_connections: "0": must be a whole number of at least 1`},
 		{name: "upstream max_connections twice", input: "godist {\n upstream 127.0.0.1:1 {\n  max_connections 1\n  max_connections 2\n }\n}", wantErr: "max_connections already specified, at Testfile:4"},
+		{name: "tier out of range", input: "godist {\n upstream 127.0.0.1:1 {\n  tier 65537\n }\n}", wantErr: `tier: "65537": must be a whole number from 0 to 65536, at Testfile:3`},
+		{name: "negative tier", input: "godist {\n upstream 127.0.0.1:1 {\n  tier -1\n }\n}", wantErr: `tier: "-1": must be a whole number from 0 to 65536`},
+		{name: "tier and backup", input: "godist {\n upstream 127.0.0.1:1 {\n  tier 2\n  backup\n }\n}", wantErr: "upstream 127.0.0.1:1: backup: give tier or backup, not both, at Testfile:4"},
+		{name: "backup and tier", input: "godist {\n upstream 127.0.0.1:1 {\n  backup\n  tier 2\n }\n}", wantErr: "upstream 127.0.0.1:1: tier: give tier or backup, not both, at Testfile:4"},
+		{name: "backup with an argument", input: "godist {\n upstream 127.0.0.1:1 {\n  backup yes\n }\n}", wantErr: "wrong argument count or unexpected line ending after 'yes', at Testfile:3"},
+		{name: "backup twice", input: "godist {\n upstream 127.0.0.1:1 {\n  backup\n  weight 2\n  backup\n }\n}", wantErr: "backup already specified, at Testfile:5"},
+		{name: "dynamic without a source", input: "godist {\n dynamic\n}", wantErr: "wrong argument count or unexpected line ending after 'dynamic', at Testfile:2"},
+		{name: "dynamic twice", input: "godist {\n dynamic a db.internal 5432\n dynamic srv _pg._tcp.db.internal\n}", wantErr: "dynamic already specified, at Testfile:3"},
+		{name: "unknown source", input: "godist {\n dynamic consul db\n}", wantErr: "unrecognized upstream source 'consul': there are a, multi, srv, at Testfile:2"},
+		{name: "a source's own error", input: "godist {\n dynamic a db.internal\n}", wantErr: "port: required: give the upstreams' port after the name or with 'port'"},
 		{name: "block on a plain option", input: "godist 127.0.0.1:1 {\n hash_key ip {\n  x\n }\n}", wantErr: "hash_key: does not take a block"},
 	}
 	for _, tt := range tests {

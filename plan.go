@@ -130,9 +130,10 @@ type liveChange struct {
 }
 
 // validateProposed checks a proposed upstream list with the handler's own
-// Validate, and fills in the default weight.
-func validateProposed(ups []*Upstream) error {
-	if err := (&Handler{Upstreams: ups}).Validate(); err != nil {
+// Validate, and fills in the default weight. source is the handler's
+// dynamic upstream source, if it has one: then the list may be empty.
+func validateProposed(ups []*Upstream, source UpstreamSource) error {
+	if err := (&Handler{Upstreams: ups, source: source}).Validate(); err != nil {
 		return err
 	}
 	for _, u := range ups {
@@ -143,17 +144,30 @@ func validateProposed(ups []*Upstream) error {
 	return nil
 }
 
-// plan works out what replacing the handler's upstreams with proposed, a
-// list that validateProposed accepted, would do. It returns ctx.Err() if
-// ctx is done before it is.
+// errNothingToPlanFrom is a plan's error when the handler has no
+// upstreams now (a dynamic source that has found none, and no static
+// ones): no key goes anywhere, so none can move.
+var errNothingToPlanFrom = errors.New("the handler has no upstreams now: its dynamic source has found none, and it has no static ones")
+
+// errNothingToPlanTo is a plan's error when the proposal leaves the
+// handler no upstreams now: its dynamic source has found none.
+var errNothingToPlanTo = errors.New("the proposal leaves the handler no upstreams now: its dynamic source has found none")
+
+// plan works out what replacing the handler's static upstreams with
+// proposed, a list that validateProposed accepted, would do, its
+// discovered upstreams staying as they are now. Keys are compared over
+// the lowest tier of each, where they go when every upstream is up. It
+// returns ctx.Err() if ctx is done before it is, and errNothingToPlanFrom
+// if the handler has no upstreams now.
 func (h *Handler) plan(ctx context.Context, index int, proposed []*Upstream) (planResult, error) {
-	before := make([]PickerUpstream, len(h.pool))
-	for i, u := range h.pool {
-		before[i] = PickerUpstream{Dial: u.dial, Weight: u.weight}
-	}
-	after := make([]PickerUpstream, len(proposed))
-	for i, u := range proposed {
-		after[i] = PickerUpstream{Dial: u.Dial, Weight: u.Weight}
+	m := h.members.Load()
+	next := m.withStatic(h.HashKey, proposed, len(h.static))
+	before, after := m.hashTier(), next.hashTier()
+	switch {
+	case len(before) == 0:
+		return planResult{}, errNothingToPlanFrom
+	case len(after) == 0:
+		return planResult{}, errNothingToPlanTo
 	}
 	ks, err := keySpaceMoves(ctx, before, after, planKeyScores)
 	if err != nil {
@@ -165,11 +179,31 @@ func (h *Handler) plan(ctx context.Context, index int, proposed []*Upstream) (pl
 	}
 	return planResult{
 		Handler:        index,
-		Fingerprint:    h.fingerprint,
-		NewFingerprint: fingerprint(h.HashKey, proposed),
+		Fingerprint:    m.fingerprint,
+		NewFingerprint: next.fingerprint,
 		KeySpace:       ks,
 		Connections:    live,
 	}, nil
+}
+
+// withStatic returns the membership m would be with the static upstreams
+// proposed in place of its first nStatic upstreams, for a plan: its
+// upstreams are descriptions only, with no state, never to be dialled. A
+// discovered upstream with the dial address of a proposed one is the
+// proposed one, as it would be in the handler.
+func (m *membership) withStatic(hashKey string, proposed []*Upstream, nStatic int) *membership {
+	pool := make([]*upstream, 0, len(proposed)+len(m.pool)-nStatic)
+	statics := make(map[string]bool, len(proposed))
+	for _, u := range proposed {
+		pool = append(pool, &upstream{dial: u.Dial, weight: max(u.Weight, 1), tier: u.Tier, source: sourceStatic})
+		statics[u.Dial] = true
+	}
+	for _, u := range m.pool[nStatic:] {
+		if !statics[u.dial] {
+			pool = append(pool, u)
+		}
+	}
+	return newMembership(hashKey, pool)
 }
 
 // keySpaceMoves estimates how replacing the upstreams before with those

@@ -96,7 +96,7 @@ func (l *sessionList) snapshot() []liveSession {
 
 // fingerprint digests everything that decides where a key goes: the
 // scoring function's version, the hash key, and each upstream's dial
-// address and weight. The order of the upstreams does not decide a pick,
+// address, weight and tier. The order of the upstreams does not decide a pick,
 // so it does not change the fingerprint either. Two Caddy instances with
 // the same fingerprint send every key to the same upstream.
 //
@@ -109,16 +109,23 @@ func fingerprint(hashKey string, upstreams []*Upstream) string {
 
 // fingerprintText is what fingerprint digests: HashVersion, the quoted
 // hash key, then one line per upstream, its quoted dial address and its
-// weight, sorted; each line ends in a newline.
+// weight, and for an upstream of a tier other than 0, "tier" and the tier
+// number, sorted; each line ends in a newline. A list without tiers
+// digests as it did before tiers existed, so that its fingerprint stays.
 func fingerprintText(hashKey string, upstreams []*Upstream) string {
 	if hashKey == "" {
 		hashKey = HashKeyIPPort
 	}
 	lines := make([]string, 0, len(upstreams))
 	for _, u := range upstreams {
-		if u != nil {
-			lines = append(lines, strconv.Quote(u.Dial)+" "+strconv.Itoa(max(u.Weight, 1)))
+		if u == nil {
+			continue
 		}
+		line := strconv.Quote(u.Dial) + " " + strconv.Itoa(max(u.Weight, 1))
+		if u.Tier != 0 {
+			line += " tier " + strconv.Itoa(u.Tier)
+		}
+		lines = append(lines, line)
 	}
 	slices.Sort(lines)
 	var b strings.Builder

@@ -38,6 +38,9 @@ func TestFingerprint(t *testing.T) {
 		{"another hash key", "ip", examples, "", false},
 		{"one upstream fewer", "", examples[:2], "", false},
 		{"the same address written otherwise", "", []*Upstream{{Dial: "127.0.0.1:4000"}, examples[1], examples[2]}, "", false},
+		{"tier 0 spelled out", "", []*Upstream{examples[0], examples[1], {Dial: "localhost:4002", Tier: 0}}, "", true},
+		{"a backup", "", []*Upstream{examples[0], examples[1], {Dial: "localhost:4002", Tier: BackupTier}}, "977629ac51a0427f", false},
+		{"another tier", "", []*Upstream{examples[0], examples[1], {Dial: "localhost:4002", Tier: 1}}, "", false},
 	}
 	base := fingerprint("", examples)
 	for _, tt := range tests {

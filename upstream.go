@@ -22,8 +22,9 @@ type upstream struct {
 	address string // host:port, or a socket path
 
 	weight   int
-	maxConns int  // 0: no limit
-	checked  bool // this handler runs active checks of it
+	maxConns int    // 0: no limit
+	tier     int    // the lowest tier with a usable upstream serves
+	source   string // "static", or the name of the lookup that found it
 
 	stateKey any // dial address boxed once, the key in upstreamStates
 	state    *upstreamState
@@ -182,12 +183,35 @@ func (st *upstreamState) checkerStopped() {
 // Destruct implements caddy.Destructor; there is nothing to release.
 func (*upstreamState) Destruct() error { return nil }
 
+// newUpstream provisions a static upstream, taking a reference to the
+// shared state of its dial address for the config.
 func newUpstream(u *Upstream) (*upstream, error) {
-	network, address, err := parseDial(u.Dial)
+	pu, err := takeUpstream(u.Dial)
 	if err != nil {
 		return nil, err
 	}
-	key := any(u.Dial)
+	pu.weight, pu.maxConns, pu.tier, pu.source = u.Weight, u.MaxConnections, u.Tier, sourceStatic
+	return pu, nil
+}
+
+// newDiscoveredUpstream provisions an upstream a source found, taking a
+// reference to the shared state of its dial address for the config.
+func newDiscoveredUpstream(d DiscoveredUpstream) (*upstream, error) {
+	pu, err := takeUpstream(d.Dial)
+	if err != nil {
+		return nil, err
+	}
+	pu.weight, pu.tier, pu.source = max(d.Weight, 1), d.Tier, d.Source
+	return pu, nil
+}
+
+// takeUpstream parses dial and takes a reference to its shared state.
+func takeUpstream(dial string) (*upstream, error) {
+	network, address, err := parseDial(dial)
+	if err != nil {
+		return nil, err
+	}
+	key := any(dial)
 	st, _, err := upstreamStates.LoadOrNew(key, func() (caddy.Destructor, error) {
 		return new(upstreamState), nil
 	})
@@ -195,11 +219,9 @@ func newUpstream(u *Upstream) (*upstream, error) {
 		return nil, err
 	}
 	return &upstream{
-		dial:     u.Dial,
+		dial:     dial,
 		network:  network,
 		address:  address,
-		weight:   u.Weight,
-		maxConns: u.MaxConnections,
 		stateKey: key,
 		state:    st.(*upstreamState),
 	}, nil

@@ -28,6 +28,12 @@ const (
 	// atMaxConnections: the upstream has max_connections open (counted
 	// over every handler that names it).
 	atMaxConnections
+	// standby: the upstream is usable by itself, but a lower tier has a
+	// usable upstream and serves (servingTier); a new connection goes to
+	// it only if every usable upstream of the tiers below fails to answer.
+	// Only usabilityIn says it: the dial path gets the same answer by
+	// going through the tiers in order.
+	standby
 )
 
 // downReasons is the part of the reasons that is about health, not room.
@@ -51,6 +57,33 @@ func (h *Handler) usability(u *upstream, now *int64) unusable {
 	return why
 }
 
+// servingTier returns the index, in m.tiers, of the tier that serves new
+// connections at *now: the lowest that has a usable upstream; -1 when no
+// tier has one (the dial path then tries the unhealthy ones, tier by
+// tier). It changes nothing.
+func (h *Handler) servingTier(m *membership, now *int64) int {
+	for k := range m.tiers {
+		for _, i := range m.tiers[k].members {
+			if h.usability(m.pool[i], now) == 0 {
+				return k
+			}
+		}
+	}
+	return -1
+}
+
+// usabilityIn is usability within membership m, whose serving tier is
+// m.tiers[serving] (from servingTier): an upstream usable by itself in a
+// tier above the serving one is standby.
+func (h *Handler) usabilityIn(m *membership, i, serving int, now *int64) unusable {
+	u := m.pool[i]
+	why := h.usability(u, now)
+	if why == 0 && serving >= 0 && u.tier > m.tiers[serving].number {
+		why |= standby
+	}
+	return why
+}
+
 // down reports what holds the upstream down, whichever handler's view:
 // the active checks of a config that still runs them, and failed dials
 // within their fail_duration. now is read from the clock, into *now, only
@@ -67,8 +100,9 @@ func (st *upstreamState) down(now *int64) (active, passive bool) {
 }
 
 // describe says why in words, for the admin API, the status page and the
-// logs; "" when the upstream is usable.
-func (why unusable) describe(u *upstream) string {
+// logs; "" when the upstream is usable. servingTier is the number of the
+// tier that serves, for a standby upstream.
+func (why unusable) describe(u *upstream, servingTier int) string {
 	var parts []string
 	switch {
 	case why&downReasons == downReasons:
@@ -80,6 +114,9 @@ func (why unusable) describe(u *upstream) string {
 	}
 	if why&atMaxConnections != 0 {
 		parts = append(parts, fmt.Sprintf("at max_connections (%d)", u.maxConns))
+	}
+	if why&standby != 0 {
+		parts = append(parts, "standby: "+tierLabel(servingTier)+" serves")
 	}
 	return strings.Join(parts, "; ")
 }

@@ -107,7 +107,11 @@ func TestValidateStandsAlone(t *testing.T) {
 		want string // "" for valid
 	}{
 		{"defaults", &Handler{Upstreams: ok}, ""},
-		{"no upstreams", &Handler{}, "upstreams: at least one upstream is required"},
+		{"no upstreams", &Handler{}, "upstreams: at least one upstream is required, or a dynamic_upstreams source"},
+		{"a dynamic source only", &Handler{DynamicUpstreamsRaw: []byte(`{"source":"a","name":"db.internal","port":"5432"}`)}, ""},
+		{"negative tier", &Handler{Upstreams: []*Upstream{{Dial: "127.0.0.1:1", Tier: -1}}}, "upstream 0 (127.0.0.1:1): tier -1: must be from 0 to 65536 (backup)"},
+		{"tier past backup", &Handler{Upstreams: []*Upstream{{Dial: "127.0.0.1:1", Tier: BackupTier + 1}}}, "upstream 0 (127.0.0.1:1): tier 65537: must be from 0 to 65536 (backup)"},
+		{"backup", &Handler{Upstreams: []*Upstream{{Dial: "127.0.0.1:1"}, {Dial: "127.0.0.1:2", Tier: BackupTier}}}, ""},
 		{"missing upstream", &Handler{Upstreams: []*Upstream{nil}}, "upstream 0: missing"},
 		{"bad dial", &Handler{Upstreams: []*Upstream{{Dial: "127.0.0.1"}}}, "upstream 0 (127.0.0.1): invalid dial address: missing port"},
 		{"bad network", &Handler{Upstreams: []*Upstream{{Dial: "sctp/127.0.0.1:1"}}}, `network "sctp": must be tcp`},
@@ -129,8 +133,8 @@ func TestValidateStandsAlone(t *testing.T) {
 				t.Fatalf("got %v, want an error containing %q", err, tc.want)
 			}
 			// The plan endpoint asks the same question of an upstream list.
-			if len(tc.h.Upstreams) > 0 && tc.h.HashKey == "" && tc.h.ProxyProtocol == "" && tc.h.IdleTimeout == 0 && tc.h.HealthChecks == nil {
-				if perr := validateProposed(tc.h.Upstreams); !errors.Is(perr, nil) != (err != nil) || (err != nil && perr.Error() != err.Error()) {
+			if len(tc.h.Upstreams) > 0 && tc.h.HashKey == "" && tc.h.ProxyProtocol == "" && tc.h.IdleTimeout == 0 && tc.h.HealthChecks == nil && tc.h.DynamicUpstreamsRaw == nil {
+				if perr := validateProposed(tc.h.Upstreams, nil); !errors.Is(perr, nil) != (err != nil) || (err != nil && perr.Error() != err.Error()) {
 					t.Fatalf("the plan endpoint says %v where Validate says %v", perr, err)
 				}
 			}

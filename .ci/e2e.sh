@@ -82,7 +82,7 @@ has() { grep -q -- "$1" "$work/api.out" || fail "$2: no '$1' in: $(cat "$work/ap
 code=$(get "http://$admin/godist/upstreams"); [ "$code" = 200 ] || fail "GET /godist/upstreams answered $code: $(cat "$work/api.out")"
 has '"hash_key":"ip_port"' /godist/upstreams; has '"hash_key":"ip"' /godist/upstreams
 for port in 4000 4001 4002; do
-	has "\"dial\":\"localhost:$port\",\"weight\":[12],\"max_connections\":0,\"health\":{\"status\":\"up\"" /godist/upstreams
+	has "\"dial\":\"localhost:$port\",\"weight\":[12],\"tier\":0,\"source\":\"static\",\"max_connections\":0,\"health\":{\"status\":\"up\"" /godist/upstreams
 done
 # counts are per upstream, shared by both handlers and kept over the reload: 30 connections on 8080, 11 on 8081
 total=$(grep -o '"totals":{"connections":[0-9]*' "$work/api.out" | awk -F: 'NR <= 3 {s += $3} END {print s}')
@@ -161,6 +161,135 @@ wait "$burst_pid" 2>/dev/null || true
 [ "$answered" -eq 20 ] || { tail -20 "$work/burst.log" >&2; fail "after a burst of ${#held[@]} clients past the descriptor limit, $answered of 20 fresh clients were answered"; }
 grep -q '"msg":"accept failed; retrying"' "$work/burst.log" || fail "the burst of ${#held[@]} clients never reached the descriptor limit: the check proves nothing"
 echo "a burst of ${#held[@]} clients past RLIMIT_NOFILE 256: $answered of 20 fresh clients answered afterwards"
+
+echo "--- dynamic upstreams: a real DNS server (dnsmasq) changes its records, Caddy follows without a reload"
+# shellcheck source=.ci/dnsmasq.sh
+. .ci/dnsmasq.sh
+dns="$work/dnsmasq"
+mkdir -p "$dns"
+trap 'dnsmasq_stop "$dns"; cleanup' EXIT
+# A records by the hosts file (SIGHUP re-reads it); SRV records by
+# --srv-host (a restart on the same port): _web._tcp points at the example's
+# backends, 127.0.0.1:4000-4003, as port:priority:weight.
+set_hosts() { printf '%s web.godist.test\n' 127.0.0.1 >"$work/hosts"; for ip in "$@"; do printf '%s db.godist.test\n' "$ip"; done >>"$work/hosts"; dnsmasq_set_hosts "$dns" <"$work/hosts"; }
+set_srv() { local r p prio w; for r in "$@"; do IFS=: read -r p prio w <<<"$r"; echo "_web._tcp.godist.test,web.godist.test,$p,$prio,$w"; done >"$work/srv"; dnsmasq_set_srv "$dns" <"$work/srv"; }
+set_hosts 127.0.0.1 127.0.0.2 127.0.0.3
+set_srv 4000:0:10 4001:0:10 4002:0:10
+dns_port=$(dnsmasq_start "$dns") || fail "starting dnsmasq"
+echo "dnsmasq answers on 127.0.0.1:$dns_port"
+
+# A fourth backend, and two handlers: SRV records on 8083, A records on 8084.
+curl -fsS -m 10 -X PUT -H 'Content-Type: application/json' "http://$admin/config/apps/http/servers/e2e4003" \
+	-d '{"listen": ["127.0.0.1:4003"], "routes": [{"handle": [{"handler": "static_response", "body": "backend 4003 answered\n"}]}]}' \
+	|| fail "PUT a fourth backend"
+resolver="\"resolver\": {\"addresses\": [\"127.0.0.1:$dns_port\"]}"
+curl -fsS -m 10 -X PUT -H 'Content-Type: application/json' "http://$admin/config/apps/layer4/servers/dns_srv" \
+	-d "{\"listen\": [\"127.0.0.1:8083\"], \"routes\": [{\"handle\": [{\"handler\": \"godist\",
+	  \"dynamic_upstreams\": {\"source\": \"srv\", \"name\": \"_web._tcp.godist.test\", \"refresh\": \"200ms\", $resolver}}]}]}" \
+	|| fail "PUT a server with SRV upstreams"
+curl -fsS -m 10 -X PUT -H 'Content-Type: application/json' "http://$admin/config/apps/layer4/servers/dns_a" \
+	-d "{\"listen\": [\"127.0.0.1:8084\"], \"routes\": [{\"handle\": [{\"handler\": \"godist\",
+	  \"dynamic_upstreams\": {\"source\": \"a\", \"name\": \"db.godist.test\", \"port\": \"4000\", \"refresh\": \"200ms\",
+	  \"versions\": {\"ipv4\": true}, $resolver}}]}]}" \
+	|| fail "PUT a server with A upstreams"
+provisioned=$(grep -c '"msg":"godist handler provisioned"' "$work/caddy.log")
+
+# handler_of LOOKUP: the index of the handler whose source is LOOKUP.
+handler_of() {
+	curl -fsS -m 5 "http://$admin/godist/upstreams" > "$work/ups.json" || fail "GET /godist/upstreams"
+	sed 's/},{"handler":/}\n{"handler":/g' "$work/ups.json" > "$work/ups.lines"
+	grep -F "\"source\":\"$1\"" "$work/ups.lines" > "$work/ups.one" || fail "no handler looks up $1: $(cat "$work/ups.json")"
+	grep -o '"handler":[0-9]*' "$work/ups.one" | cut -d: -f2
+}
+srv_h=$(handler_of srv:_web._tcp.godist.test)
+a_h=$(handler_of a:db.godist.test:4000)
+# members H: handler H's upstreams as sorted "dial weight tier" words.
+members() {
+	curl -fsS -m 5 "http://$admin/godist/upstreams?handler=$1" > "$work/members.json" || fail "GET /godist/upstreams?handler=$1"
+	grep -o '"dial":"[^"]*","weight":[0-9]*,"tier":[0-9]*' "$work/members.json" > "$work/members.txt" || true
+	sed 's/"dial":"\([^"]*\)","weight":\([0-9]*\),"tier":\([0-9]*\)/\1 \2 \3/' "$work/members.txt" | sort | tr '\n' ','
+}
+wait_members() { # H WANT: wait (10s at most) until handler H hashes over WANT
+	local got
+	for _ in $(seq 1 100); do
+		got=$(members "$1")
+		[ "$got" = "$2" ] && return 0
+		sleep 0.1
+	done
+	fail "handler $1 hashes over '$got', want '$2'"
+}
+keys=300
+picks() { # H FILE: where keys k1..k$keys go in handler H, one a line
+	local i
+	: >"$2"
+	for i in $(seq 1 "$keys"); do
+		curl -fsS -m 5 "http://$admin/godist/pick?handler=$1&key=k$i" > "$work/pick.json" || fail "GET /godist/pick"
+		grep -o '"upstream":"[^"]*"' "$work/pick.json" | cut -d'"' -f4 >> "$2"
+	done
+}
+changes=0
+# change H LOOKUP NAME CHANGED IDEAL WANT CMD...: makes a change of records,
+# waits for handler H to follow it, and checks the keys that moved: in
+# /godist/pick over $keys keys, only keys to or from CHANGED, and about
+# IDEAL of them; in the info line (100,000 keys), IDEAL within 0.01.
+change() {
+	local h=$1 lookup=$2 name=$3 changed=$4 ideal=$5 want=$6 before lines logged
+	shift 6
+	before=$(grep -cF "\"msg\":\"upstreams changed\",\"sources\":[\"$lookup\"" "$work/caddy.log" || true)
+	picks "$h" "$work/before"
+	"$@"
+	wait_members "$h" "$want"
+	picks "$h" "$work/after"
+	for _ in $(seq 1 50); do
+		grep -F "\"msg\":\"upstreams changed\",\"sources\":[\"$lookup\"" "$work/caddy.log" > "$work/changes" || true
+		lines=$(wc -l <"$work/changes")
+		[ "$lines" -gt "$before" ] && break
+		sleep 0.1
+	done
+	[ "$lines" -eq $((before + 1)) ] || fail "$name: $((lines - before)) change lines, want 1"
+	logged=$(awk 'END {print}' "$work/changes" | grep -o '"moved_share":[0-9.]*' | cut -d: -f2)
+	paste -d' ' "$work/before" "$work/after" | awk -v c="$changed" -v ideal="$ideal" -v logged="$logged" -v name="$name" -v keys="$keys" '
+		$1 != $2 { moved++; if ($1 != c && $2 != c) bad++ }
+		END {
+			share = moved / keys
+			printf "%-40s moved %.4f (info line, 100000 keys)  %.4f (/godist/pick, %d keys)  ideal %.4f\n", name, logged, share, keys, ideal
+			if (bad > 0) { printf "FAIL: %d keys moved between upstreams other than %s\n", bad, c; exit 1 }
+			d = logged - ideal; if (d < 0) d = -d; if (d > 0.01) { print "FAIL: the logged share is off the ideal"; exit 1 }
+			d = share - ideal; if (d < 0) d = -d; if (d > 0.1) { print "FAIL: the sampled share is off the ideal"; exit 1 }
+		}' || fail "$name: the keys did not move as rendezvous hashing requires"
+	changes=$((changes + 1))
+}
+# traffic: N connections through PORT, each answered by one of the backends in WANT
+traffic() {
+	local reply i
+	for i in $(seq 1 "$2"); do
+		reply=$(curl -fsS -m 5 "http://127.0.0.1:$1/") || fail "curl through 127.0.0.1:$1"
+		case " $3 " in *" ${reply:8:4} "*) ;; *) fail "a connection through $1 reached '$reply', not one of $3" ;; esac
+	done
+}
+s=127.0.0.1
+wait_members "$srv_h" "$s:4000 10 0,$s:4001 10 0,$s:4002 10 0,"
+traffic 8083 10 "4000 4001 4002"
+wait_members "$a_h" "$s:4000 1 0,127.0.0.2:4000 1 0,127.0.0.3:4000 1 0,"
+echo "SRV records (handler $srv_h) and A records (handler $a_h) found"
+change "$srv_h" srv:_web._tcp.godist.test "SRV: add one of 3" "$s:4003" 0.25 \
+	"$s:4000 10 0,$s:4001 10 0,$s:4002 10 0,$s:4003 10 0," set_srv 4000:0:10 4001:0:10 4002:0:10 4003:0:10
+traffic 8083 10 "4000 4001 4002 4003"
+change "$srv_h" srv:_web._tcp.godist.test "SRV: remove one of 4" "$s:4001" 0.25 \
+	"$s:4000 10 0,$s:4002 10 0,$s:4003 10 0," set_srv 4000:0:10 4002:0:10 4003:0:10
+change "$srv_h" srv:_web._tcp.godist.test "SRV: re-weight one of 3 (10 to 30)" "$s:4000" 0.2667 \
+	"$s:4000 30 0,$s:4002 10 0,$s:4003 10 0," set_srv 4000:0:30 4002:0:10 4003:0:10
+change "$srv_h" srv:_web._tcp.godist.test "SRV: re-prioritise one (0 to 1)" "$s:4002" 0.2 \
+	"$s:4000 30 0,$s:4002 10 1,$s:4003 10 0," set_srv 4000:0:30 4002:1:10 4003:0:10
+traffic 8083 10 "4000 4003"
+change "$a_h" a:db.godist.test:4000 "A: add one of 3" "127.0.0.4:4000" 0.25 \
+	"$s:4000 1 0,127.0.0.2:4000 1 0,127.0.0.3:4000 1 0,127.0.0.4:4000 1 0," set_hosts 127.0.0.1 127.0.0.2 127.0.0.3 127.0.0.4
+change "$a_h" a:db.godist.test:4000 "A: remove one of 4" "127.0.0.2:4000" 0.25 \
+	"$s:4000 1 0,127.0.0.3:4000 1 0,127.0.0.4:4000 1 0," set_hosts 127.0.0.1 127.0.0.3 127.0.0.4
+[ "$(grep -c '"msg":"godist handler provisioned"' "$work/caddy.log")" = "$provisioned" ] || fail "the config was reloaded while DNS changed"
+code=$(get "http://$admin/godist/fingerprint?handler=$srv_h"); [ "$code" = 200 ] || fail "GET /godist/fingerprint answered $code"
+has '"digested":"hrw-xxhash64-v1\\n\\"ip_port\\"\\n\\"127.0.0.1:4000\\" 30\\n\\"127.0.0.1:4002\\" 10 tier 1\\n\\"127.0.0.1:4003\\" 10\\n"' "/godist/fingerprint of the SRV handler"
+echo "$changes changes of DNS records followed without a reload, each moving only the keys it must"
 
 echo "--- stop"
 "$caddy" stop --address "$admin" || fail "caddy stop"
