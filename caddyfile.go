@@ -24,6 +24,7 @@ import (
 //		}
 //		dynamic a|srv|multi ...
 //		hash_key ip_port|ip|<placeholder string>
+//		balance_factor <c>
 //		dial_timeout <duration>
 //		idle_timeout <duration>
 //		max_connections <n>
@@ -74,6 +75,8 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			err = p.upstreamBlock(h)
 		case "dynamic":
 			err = p.dynamicSource(h)
+		case "balance_factor":
+			err = p.floatArg(&h.BalanceFactor, validateBalanceFactor)
 		case "hash_key":
 			err = p.stringArg(&h.HashKey, func(s string) error { _, err := parseHashKey(s); return err })
 		case "dial_timeout":
@@ -202,6 +205,23 @@ func (p *optionParser) durationArg(dst *caddy.Duration) error {
 		return p.d.Errf("%s: %s: must not be negative", name, dur)
 	}
 	*dst = caddy.Duration(dur)
+	return nil
+}
+
+// floatArg reads one number, which check must accept.
+func (p *optionParser) floatArg(dst *float64, check func(float64) error) error {
+	name := p.d.Val()
+	if err := p.oneArg(); err != nil {
+		return err
+	}
+	f, err := strconv.ParseFloat(p.d.Val(), 64)
+	if err != nil {
+		return p.d.Errf("%s: %q: not a number", name, p.d.Val())
+	}
+	if err := check(f); err != nil {
+		return p.d.WrapErr(err)
+	}
+	*dst = f
 	return nil
 }
 

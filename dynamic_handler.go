@@ -192,7 +192,7 @@ func (h *Handler) installLocked(set []DiscoveredUpstream) *membership {
 					zap.String("source", d.Source), zap.Error(err))
 				continue
 			}
-			pool = append(pool, u)
+			pool = append(pool, h.adopt(u))
 		}
 	}
 	if len(shadowed) > 0 {

@@ -135,6 +135,9 @@ func (s *session) establish() {
 		d.conn = headed
 	}
 	s.up, s.upstream = d.conn, d.upstream
+	if d.overflowFrom != nil && d.overflowFrom != d.upstream {
+		d.overflowFrom.state.overflows.Add(1)
+	}
 	if err := s.forwardPrefetched(); err != nil {
 		h.failLog.log(h.logger, "connection closed: sending the client's first bytes",
 			zap.String("upstream", d.upstream.dial), zap.String("client", down.RemoteAddr().String()), zap.Error(err))
@@ -169,11 +172,22 @@ func (h *Handler) connectionEnded(s *session) {
 			zap.Int64("bytes_to_upstream", s.toUpstream),
 			zap.Int64("bytes_to_client", s.toClient),
 			zap.Bool("handed_off", s.detached != nil),
+			zap.Bool("overflow", d.overflowFrom != nil && d.overflowFrom != u),
+			zap.String("first_choice", overflowFromDial(d, u)),
 			zap.Duration("duration", time.Since(s.start)),
 			zap.Stringer("first_eof", side(s.firstEOF.Load())),
 			zap.NamedError("abort", s.pipe.Cause()),
 		)
 	}
+}
+
+// overflowFromDial names the key's first choice when balance_factor sent
+// the connection elsewhere, for the debug line; "" otherwise.
+func overflowFromDial(d *dialOutcome, got *upstream) string {
+	if d.overflowFrom == nil || d.overflowFrom == got {
+		return ""
+	}
+	return d.overflowFrom.dial
 }
 
 // descriptorsPerConn is what one piped connection holds: its client
@@ -211,6 +225,10 @@ type dialOutcome struct {
 	unhealthy, full, failed bitset
 	small                   [3][2]uint64
 	passedOver              bool // any upstream was skipped or failed
+
+	// overflowFrom is the key's first choice when balance_factor sent the
+	// connection elsewhere because that upstream was at its cap.
+	overflowFrom *upstream
 }
 
 // dialUpstream dials the upstream that key prefers among the usable ones
@@ -232,7 +250,7 @@ func (h *Handler) dialUpstream(down *layer4.Connection, key string, d *dialOutco
 		for k := range m.tiers {
 			t := &m.tiers[k]
 			for {
-				i := t.pick(key, func(i int) bool {
+				ok := func(i int) bool {
 					if d.failed.has(i) || d.full.has(i) {
 						return false
 					}
@@ -242,18 +260,30 @@ func (h *Handler) dialUpstream(down *layer4.Connection, key string, d *dialOutco
 						return false
 					}
 					return true
-				})
-				if i < 0 {
-					break
+				}
+				var i int
+				if healthyOnly && h.BalanceFactor > 0 {
+					// Picked and reserved together, under the loads' lock.
+					var first int
+					if i, first = h.pickBounded(m, t, key, ok, &d.full); i < 0 {
+						break
+					}
+					if i != first {
+						d.overflowFrom, d.passedOver = m.pool[first], true
+					}
+				} else {
+					if i = t.pick(key, ok); i < 0 {
+						break
+					}
+					if !m.pool[i].reserve() {
+						d.full.set(i)
+						d.passedOver = true
+						continue
+					}
 				}
 				u := m.pool[i]
 				if now != 0 {
 					h.noticeRecovery(u, now)
-				}
-				if !u.reserve() {
-					d.full.set(i)
-					d.passedOver = true
-					continue
 				}
 				d.attempts++
 				conn, err := h.dialer.Dial(u.dialNetwork(listenerNet), u.address)

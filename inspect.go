@@ -4,6 +4,7 @@
 package godist
 
 import (
+	"fmt"
 	"slices"
 	"time"
 )
@@ -36,6 +37,11 @@ type handlerStatus struct {
 	// upstream; null when none has one.
 	ServingTier *int `json:"serving_tier"`
 
+	// balance_factor, when set, and the connections this handler has open
+	// or is dialling now over all its upstreams: what its caps count.
+	BalanceFactor      float64 `json:"balance_factor,omitempty"`
+	HandlerConnections int64   `json:"handler_connections"`
+
 	// Each lookup of the handler's dynamic_upstreams, if it has any: its
 	// last success, failures and records.
 	Sources []SourceStatus `json:"sources,omitempty"`
@@ -63,6 +69,13 @@ type upstreamStatus struct {
 	ActiveConnections int64          `json:"active_connections"` // open or being dialled, over all handlers
 	Full              bool           `json:"full"`               // at max_connections: skipped for new connections
 	Totals            upstreamTotals `json:"totals"`
+
+	// This handler's own connections to it, open or being dialled (what
+	// balance_factor counts), and, with a balance factor, its cap now:
+	// absent for an upstream that takes no new connection (unusable, or
+	// not in the serving tier).
+	HandlerConnections int64  `json:"handler_connections"`
+	Cap                *int64 `json:"cap,omitempty"`
 }
 
 // healthStatus says whether a handler offers new connections to an
@@ -96,6 +109,7 @@ type upstreamTotals struct {
 	Connections   uint64 `json:"connections"`
 	DialFailures  uint64 `json:"dial_failures"`
 	Failovers     uint64 `json:"failovers"`
+	OverflowPicks uint64 `json:"overflow_picks"` // connections it was the first choice of but that balance_factor sent on
 	SentBytes     uint64 `json:"sent_bytes"`
 	ReceivedBytes uint64 `json:"received_bytes"`
 }
@@ -122,10 +136,15 @@ func (h *Handler) status(index int, now time.Time) handlerStatus {
 		FailDuration:   h.failWindow().String(),
 		MaxFails:       h.HealthChecks.Passive.MaxFails,
 		Upstreams:      make([]upstreamStatus, len(m.pool)),
+
+		BalanceFactor:      h.BalanceFactor,
+		HandlerConnections: h.loads.total.Load(),
 	}
-	if k := h.servingTier(m, &nanos); k >= 0 {
-		hs.ServingTier = &m.tiers[k].number
+	serving := h.servingTier(m, &nanos)
+	if serving >= 0 {
+		hs.ServingTier = &m.tiers[serving].number
 	}
+	caps := h.caps(m, serving, &nanos)
 	refreshed := make(map[string]*time.Time)
 	if h.source != nil {
 		hs.Sources = h.source.Status()
@@ -149,12 +168,34 @@ func (h *Handler) status(index int, now time.Time) handlerStatus {
 				Connections:   st.total.Load(),
 				DialFailures:  st.dialFailures.Load(),
 				Failovers:     st.failovers.Load(),
+				OverflowPicks: st.overflows.Load(),
 				SentBytes:     st.bytesTo.Load(),
 				ReceivedBytes: st.bytesFrom.Load(),
 			},
+			HandlerConnections: u.load.Load(),
+			Cap:                caps[i],
 		}
 	}
 	return hs
+}
+
+// caps returns each pool upstream's balance_factor cap now, as the dial
+// path would work it out for a new connection: for the usable upstreams
+// of the serving tier, nil for the others and when no balance factor is
+// set.
+func (h *Handler) caps(m *membership, serving int, now *int64) []*int64 {
+	out := make([]*int64, len(m.pool))
+	if h.BalanceFactor <= 0 || serving < 0 {
+		return out
+	}
+	t := &m.tiers[serving]
+	usable := func(j int) bool { return h.usability(m.pool[t.members[j]], now) == 0 }
+	for j, c := range t.picker.Caps(make([]int64, 0, len(t.members)), usable, h.loads.total.Load(), h.BalanceFactor) {
+		if c >= 0 {
+			out[t.members[j]] = &c
+		}
+	}
+	return out
 }
 
 // hashKeyName returns the handler's hash_key with its default filled in.
@@ -266,6 +307,10 @@ type pickStatus struct {
 	// none has one (Fallback).
 	ServingTier *int `json:"serving_tier"`
 
+	// With balance_factor, when the key's first choice is at its cap now:
+	// that upstream, which Upstream overflows from.
+	FirstChoice *string `json:"first_choice,omitempty"`
+
 	// The key's order of preference: the lowest tier's upstreams in the
 	// key's rendezvous order, then the next tier's, and so on.
 	Order []pickChoice `json:"order"`
@@ -278,6 +323,11 @@ type pickChoice struct {
 	Rank   int    `json:"rank"` // 1 for the key's first choice
 	Usable bool   `json:"usable"`
 	WhyNot string `json:"why_not,omitempty"`
+
+	// With balance_factor, for a usable upstream of the serving tier:
+	// this handler's connections to it and its cap now.
+	Load *int64 `json:"load,omitempty"`
+	Cap  *int64 `json:"cap,omitempty"`
 }
 
 // pick returns where key goes now: the upstream the handler's dial loop
@@ -303,24 +353,44 @@ func (h *Handler) pick(index int, key string, now time.Time) pickStatus {
 		ps.ServingTier = &m.tiers[serving].number
 	}
 	// The dial loop's first pass takes the first usable upstream in the
-	// key's order; with none usable, its second takes the first with room.
-	chosen, firstWithRoom := -1, -1
+	// key's order, or with balance_factor the first under its cap; with
+	// none usable, its second takes the first with room.
+	caps := h.caps(m, serving, &nanos)
+	chosen, firstUsable, firstWithRoom := -1, -1, -1
 	for r, i := range m.order(key, make([]int, 0, n)) {
 		u := m.pool[i]
 		why := h.usabilityIn(m, i, serving, &nanos)
-		if why == 0 && chosen < 0 {
+		c := pickChoice{Dial: u.dial, Tier: u.tier, Rank: r + 1, Usable: why == 0, WhyNot: why.describe(u, servingNumber)}
+		if why == 0 && firstUsable < 0 {
+			firstUsable = r
+		}
+		if capNow := caps[i]; capNow != nil && why == 0 {
+			load := u.load.Load()
+			c.Load, c.Cap = &load, capNow
+			if load >= *capNow {
+				c.WhyNot = fmt.Sprintf("at its balance_factor cap (%d of %d)", load, *capNow)
+			} else if chosen < 0 {
+				chosen = r
+			}
+		} else if why == 0 && chosen < 0 {
 			chosen = r
 		}
 		if why&atMaxConnections == 0 && firstWithRoom < 0 {
 			firstWithRoom = r
 		}
-		ps.Order = append(ps.Order, pickChoice{Dial: u.dial, Tier: u.tier, Rank: r + 1, Usable: why == 0, WhyNot: why.describe(u, servingNumber)})
+		ps.Order = append(ps.Order, c)
+	}
+	if chosen < 0 {
+		chosen = firstUsable // every usable one at its cap: the dial path's fallback is the first choice
 	}
 	if chosen < 0 {
 		chosen = firstWithRoom
 	}
 	if chosen >= 0 {
 		ps.Upstream, ps.Rank = &ps.Order[chosen].Dial, chosen+1
+		if firstUsable >= 0 && firstUsable != chosen {
+			ps.FirstChoice = &ps.Order[firstUsable].Dial
+		}
 	}
 	return ps
 }

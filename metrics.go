@@ -33,6 +33,9 @@ var (
 	descFailovers = prometheus.NewDesc(metricsNamespace+"_upstream_failovers_total",
 		"Connections whose key preferred an upstream but that went elsewhere, because it was down, full or did not answer.",
 		[]string{"upstream"}, nil)
+	descOverflows = prometheus.NewDesc(metricsNamespace+"_upstream_overflow_picks_total",
+		"Connections whose key's first choice was an upstream at its balance_factor cap, and that went to the key's next choice under its cap instead.",
+		[]string{"upstream"}, nil)
 	descBytesTo = prometheus.NewDesc(metricsNamespace+"_upstream_sent_bytes_total",
 		"Bytes sent to an upstream, counted when each connection ends.", []string{"upstream"}, nil)
 	descBytesFrom = prometheus.NewDesc(metricsNamespace+"_upstream_received_bytes_total",
@@ -86,7 +89,7 @@ func registerMetrics(reg *prometheus.Registry) error {
 
 // Describe implements prometheus.Collector.
 func (collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descConnections, descActive, descDialFailures, descFailovers,
+	for _, d := range []*prometheus.Desc{descConnections, descActive, descDialFailures, descFailovers, descOverflows,
 		descBytesTo, descBytesFrom, descHealthy, descRejected, descNoUpstream, descAcceptErrors,
 		descSourceLastSuccess, descSourceFailures, descSourceRecords, descHandlerInfo} {
 		ch <- d
@@ -108,6 +111,7 @@ func (collector) Collect(ch chan<- prometheus.Metric) {
 		counter(descConnections, st.total.Load())
 		counter(descDialFailures, st.dialFailures.Load())
 		counter(descFailovers, st.failovers.Load())
+		counter(descOverflows, st.overflows.Load())
 		counter(descBytesTo, st.bytesTo.Load())
 		counter(descBytesFrom, st.bytesFrom.Load())
 		ch <- prometheus.MustNewConstMetric(descActive, prometheus.GaugeValue, float64(st.active.Load()), dial)

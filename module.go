@@ -85,6 +85,18 @@ type Handler struct {
 	// Default: `ip_port`.
 	HashKey string `json:"hash_key,omitempty"`
 
+	// Bounded loads (consistent hashing with bounded loads, as HAProxy's
+	// hash-balance-factor): no usable upstream of the serving tier takes a
+	// new connection once it holds ⌈c × (this handler's connections + 1) ×
+	// its weight share⌉; the connection goes to the first upstream in its
+	// key's order that is under its cap instead (an overflow pick). c is a
+	// number above 1, counted to three decimal places; 1.25 lets no
+	// upstream hold more than a quarter above its share. The counts are
+	// this handler's own: see docs/balance-factor.md.
+	//
+	// Default: 0 (off: every key goes to its first choice).
+	BalanceFactor float64 `json:"balance_factor,omitempty"`
+
 	// How long to wait for one upstream to accept a connection before
 	// failing over to the next. A zero or unset value means the default.
 	//
@@ -131,6 +143,7 @@ type Handler struct {
 	// members is the membership every connection hashes over: see the
 	// rules in membership.go. Never nil once Provision has returned.
 	members atomic.Pointer[membership]
+	loads   handlerLoads   // this handler's connection counts, for balance_factor
 	static  []*upstream    // provisioned Upstreams, in the same order
 	source  UpstreamSource // the loaded dynamic_upstreams, or nil
 	lastSet *lastGoodSet   // the source's last good set, for the config after this one
@@ -255,7 +268,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 			// the upstreams already taken.
 			return fmt.Errorf("upstream %d (%s): %w", i, u.Dial, err)
 		}
-		h.static = append(h.static, pu)
+		h.static = append(h.static, h.adopt(pu))
 	}
 	// No TCP keepalive on upstream connections, as HAProxy, nginx and
 	// Envoy do by default: it costs four system calls per connection, and
@@ -309,6 +322,9 @@ func (h *Handler) Validate() error {
 		return err
 	}
 	if _, err := parseHashKey(h.HashKey); err != nil {
+		return err
+	}
+	if err := validateBalanceFactor(h.BalanceFactor); err != nil {
 		return err
 	}
 	if _, err := parseProxyProtocol(h.ProxyProtocol); err != nil {

@@ -28,6 +28,12 @@ type upstream struct {
 
 	stateKey any // dial address boxed once, the key in upstreamStates
 	state    *upstreamState
+
+	// This handler's own counts, for bounded loads (balance.go): its
+	// connections to this upstream, and to all its upstreams. Both are set
+	// by Handler.adopt and shared by the copies a membership change makes.
+	load         *atomic.Int64
+	handlerTotal *atomic.Int64
 }
 
 // upstreamStates holds the state of every upstream in use, keyed by dial
@@ -47,6 +53,7 @@ type upstreamState struct {
 	total        atomic.Uint64 // connections piped since the state was made
 	dialFailures atomic.Uint64 // failed dials since the state was made
 	failovers    atomic.Uint64 // connections that preferred it but went elsewhere
+	overflows    atomic.Uint64 // of those, the ones sent elsewhere because it was at its balance_factor cap
 	bytesTo      atomic.Uint64 // bytes sent to it, counted as each connection ends
 	bytesFrom    atomic.Uint64 // bytes received from it, likewise
 
@@ -243,6 +250,10 @@ func (u *upstream) reserve() bool {
 		u.state.active.Add(-1)
 		return false
 	}
+	if u.load != nil {
+		u.load.Add(1)
+		u.handlerTotal.Add(1)
+	}
 	upstreamStates.LoadOrStore(u.stateKey, u.state)
 	return true
 }
@@ -250,6 +261,10 @@ func (u *upstream) reserve() bool {
 // release undoes reserve when a connection ends or its dial failed.
 func (u *upstream) release() {
 	u.state.active.Add(-1)
+	if u.load != nil {
+		u.load.Add(-1)
+		u.handlerTotal.Add(-1)
+	}
 	_, _ = upstreamStates.Delete(u.stateKey)
 }
 
