@@ -57,11 +57,6 @@ func (h *Handler) adopt(u *upstream) *upstream {
 	return u
 }
 
-// overCap is what the load of an upstream is taken to be when its reserve
-// found it over its cap, so that the next bounded pick passes it over
-// without taking its weight out of the caps.
-const overCap = math.MaxInt64
-
 // pickBounded is the dial path's pick in a tier when a balance factor is
 // set: the key's first upstream under its cap among those ok accepts,
 // reserved (counted) before the lock is let go, and the key's first choice
