@@ -53,6 +53,7 @@ func statusCaddyfile(admin, l4, site string, dials []string) string {
 }
 
 http://%s {
+	bind 127.0.0.1
 	handle_path /godist/* {
 		godist_status
 	}

@@ -5,6 +5,7 @@ package godist
 
 import (
 	"fmt"
+	"net/netip"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -20,6 +21,11 @@ type upstream struct {
 	// network (tcp or udp) is used then.
 	network string
 	address string // host:port, or a socket path
+
+	// addrPort is address as an IP address and port, when it is one (not
+	// a host name or a socket path): such an upstream is dialled over TCP
+	// without a resolver (see Handler.dial).
+	addrPort netip.AddrPort
 
 	weight   int
 	maxConns int    // 0: no limit
@@ -225,10 +231,12 @@ func takeUpstream(dial string) (*upstream, error) {
 	if err != nil {
 		return nil, err
 	}
+	ap, _ := netip.ParseAddrPort(address)
 	return &upstream{
 		dial:     dial,
 		network:  network,
 		address:  address,
+		addrPort: ap,
 		stateKey: key,
 		state:    st.(*upstreamState),
 	}, nil

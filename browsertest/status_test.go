@@ -432,6 +432,7 @@ func startCaddy(t *testing.T, bin string, dials []string) *runningCaddy {
 }
 
 http://%s {
+	bind 127.0.0.1
 	handle_path /godist/* {
 		basic_auth {
 			%s %s

@@ -302,6 +302,9 @@ func (p *Pipe) copyErr(err error) error {
 
 // isStream reports whether c carries a byte stream rather than datagrams.
 func isStream(c net.Conn) bool {
+	if _, ok := c.(*socketConn); ok {
+		return true // the engine's own sockets are TCP
+	}
 	switch c.LocalAddr().Network() {
 	case "udp", "udp4", "udp6", "unixgram", "ip", "ip4", "ip6":
 		return false

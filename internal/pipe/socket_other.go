@@ -8,7 +8,9 @@ package pipe
 import (
 	"errors"
 	"net"
+	"net/netip"
 	"syscall"
+	"time"
 )
 
 // DetachSocket is not supported here: a connection stays with the
@@ -22,3 +24,11 @@ type socketConn struct {
 	net.Conn
 	rc syscall.RawConn
 }
+
+// DialTCP is not supported here: its callers dial with net.Dialer.
+func DialTCP(netip.AddrPort, time.Duration) (net.Conn, error) {
+	return nil, errors.ErrUnsupported
+}
+
+// DialTCPSupported says whether DialTCP works here.
+const DialTCPSupported = false
