@@ -119,7 +119,11 @@ func adminEndpoint(method string, params []string, serve func(http.ResponseWrite
 		}
 		for _, name := range slices.Sorted(maps.Keys(q)) {
 			if !slices.Contains(params, name) {
-				return apiErrorf(http.StatusBadRequest, "unknown query parameter %q: %s takes %s", name, r.URL.Path, strings.Join(params, ", "))
+				takes := strings.Join(params, ", ")
+				if takes == "" {
+					takes = "none: its request is in its body"
+				}
+				return apiErrorf(http.StatusBadRequest, "unknown query parameter %q: %s takes %s", name, r.URL.Path, takes)
 			}
 			if n := len(q[name]); n > 1 {
 				return apiErrorf(http.StatusBadRequest, "query parameter %q given %d times", name, n)

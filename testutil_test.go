@@ -60,6 +60,8 @@ type caddyConfig struct {
 	// kept: a folder of the test's own (startCaddyConfig), never the
 	// user's Caddy data.
 	Storage string
+	// StorageModule, if set, is the storage's whole config instead.
+	StorageModule map[string]any
 }
 
 // testLogWriter is where Caddy's logs go in tests: nowhere, unless
@@ -84,7 +86,10 @@ func (c caddyConfig) JSON(t testing.TB) []byte {
 			"test": c.server(listen),
 		}}},
 	}
-	if c.Storage != "" {
+	switch {
+	case c.StorageModule != nil:
+		cfg["storage"] = c.StorageModule
+	case c.Storage != "":
 		cfg["storage"] = map[string]any{"module": "file_system", "root": c.Storage}
 	}
 	b, err := json.Marshal(cfg)
