@@ -3,7 +3,8 @@
 # to one instance's admin API stops new connections to that upstream through
 # both within the poll interval (the time it took is measured and printed),
 # and survives a restart of both. Loopback only; fixed ports 2020-2021,
-# 8180-8181 and 4100-4102 (e2e.sh uses 2019, 8080-8082 and 4000-4002).
+# 8180-8181 and 4100-4102 (the rest of e2e.sh uses 2019, 8080-8084, 8091
+# and 4000-4003, and dnsmasq a port from 20000 up).
 #
 # Run it on its own with the Caddy to test:
 #
@@ -12,10 +13,9 @@
 # (without CADDY it builds one with xcaddy), or source it and call
 # opstate_e2e /path/to/caddy, as e2e.sh does with the binary it built.
 #
-# It needs what the lead's integration adds: the godist options `name` and
-# `state_poll_interval`, POST /godist/upstreams/state, and the operator
-# state of each upstream in GET /godist/upstreams (the record, with its
-# "state":"drain", as docs/operate.md shows it).
+# It reads the operator state of each upstream in GET /godist/upstreams
+# (its "operator" record, with "state":"drain", as docs/operate.md shows
+# it).
 
 # The processes it started and its folder, for opstate_cleanup.
 opstate_work="" opstate_backends_pid="" opstate_a_pid="" opstate_b_pid=""
