@@ -154,7 +154,8 @@ func (h *Handler) setDiscovered(set []DiscoveredUpstream) {
 //
 // An upstream that stays, with the same weight and tier, is the same
 // *upstream in the new membership; one whose weight or tier changed is a
-// copy sharing its state; a new one takes a reference to the shared state
+// copy sharing its state (buildLocked copies one whose operator state
+// changed, too); a new one takes a reference to the shared state
 // of its dial address (so an address seen before, in this config or the
 // one before, comes back with its health and counts), and one that left
 // gives its reference back (its state lives on while a connection to it

@@ -29,8 +29,9 @@ import (
 //     whenever a membership is built: by installLocked (Provision, a new
 //     set from the dynamic source) and by refresh.
 //   - refresh runs on the handler's operator goroutine (operate), which
-//     wakes when the store publishes new states, when the health of an
-//     upstream changes anywhere in the process (healthChanges), and at the
+//     wakes when the store publishes new states, with slow_start when the
+//     health of an upstream changes anywhere in the process
+//     (healthChanges), when the membership gains upstreams (nudge), and at the
 //     next moment something changes by itself: a ramp's next step, a
 //     drain's deadline, the end of a passive down. It also runs on the
 //     admin request that set a state, before the answer, so that the
@@ -306,17 +307,23 @@ func (h *Handler) refresh() time.Time {
 }
 
 // operate is the handler's operator goroutine: it refreshes the membership
-// whenever the operator states or an upstream's health change, and when a
-// ramp or a deadline says so, until the handler's runCtx ends.
+// whenever the operator states change, or, with slow_start, an upstream's
+// health, and when a ramp or a deadline says so, until the handler's runCtx
+// ends.
 func (h *Handler) operate() {
 	timer := time.NewTimer(time.Hour)
 	timer.Stop()
 	defer timer.Stop()
 	for {
-		// Both are taken before the refresh, so that a change during it
-		// wakes the next wait.
+		// All are taken before the refresh, so that a change during it
+		// wakes the next wait. Health matters to the membership only for
+		// the ramps.
 		snap := h.opStore.snapshot()
-		health, nudge := healthChanges.wait(), h.nudge.wait()
+		var health <-chan struct{}
+		if h.SlowStart > 0 {
+			health = healthChanges.wait()
+		}
+		nudge := h.nudge.wait()
 		next := h.refresh()
 		var wake <-chan time.Time
 		if !next.IsZero() {
