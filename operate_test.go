@@ -802,15 +802,26 @@ func TestSlowStartWhen(t *testing.T) {
 	}
 }
 
-// streamTicks writes a numbered line every 10ms until the connection
-// fails.
-func streamTicks(_ *backend, c net.Conn) {
-	_ = c.SetDeadline(time.Time{})
-	for i := 0; ; i++ {
-		if _, err := fmt.Fprintf(c, "tick %d\n", i); err != nil {
-			return
+// streamTicks returns a backend handler that writes a numbered line every
+// 10ms until the connection fails, or, once hang is closed, goes silent
+// and holds the connection open, as a host that vanished would, until the
+// other side closes it.
+func streamTicks(hang <-chan struct{}) func(*backend, net.Conn) {
+	return func(_ *backend, c net.Conn) {
+		_ = c.SetDeadline(time.Time{})
+		tick := time.NewTicker(10 * time.Millisecond)
+		defer tick.Stop()
+		for i := 0; ; i++ {
+			if _, err := fmt.Fprintf(c, "tick %d\n", i); err != nil {
+				return
+			}
+			select {
+			case <-tick.C:
+			case <-hang:
+				_, _ = io.Copy(io.Discard, c)
+				return
+			}
 		}
-		time.Sleep(10 * time.Millisecond)
 	}
 }
 
@@ -829,15 +840,27 @@ func readTicks(r *bufio.Reader, next *int, n int) error {
 	return nil
 }
 
-// TestOnDown: clients stream from two upstreams when one of them stops
-// accepting connections (its listener is gone: its checks fail) while its
-// open connections go on streaming. With on_down close, godist closes
-// those as the checks mark it down, counts them, and the clients of the
-// other upstream stream on; with keep, they stream on too.
+// TestOnDown: clients stream from two upstreams when one of them dies: it
+// accepts no more connections (its listener is gone: its checks fail),
+// and its open connections either go on streaming or, as from a host that
+// vanished, go silent without closing. With on_down close, godist closes
+// them as the checks mark it down, counts them, and the clients of the
+// other upstream stream on; with keep, a stream that goes on flows on.
 func TestOnDown(t *testing.T) {
-	for _, onDown := range []string{onDownClose, onDownKeep} {
-		t.Run(onDown, func(t *testing.T) {
-			backends, addrs := startBackends(t, 2, streamTicks)
+	for _, tc := range []struct {
+		onDown string
+		hang   bool
+	}{{onDownClose, false}, {onDownClose, true}, {onDownKeep, false}} {
+		onDown := tc.onDown
+		name := onDown
+		if tc.hang {
+			name += ", silent"
+		}
+		t.Run(name, func(t *testing.T) {
+			hang := make(chan struct{})
+			x := startBackend(t, "b0", "", streamTicks(hang))
+			y := startBackend(t, "b1", "", streamTicks(nil))
+			backends, addrs := []*backend{x, y}, []string{x.addr, y.addr}
 			c := startCaddyConfig(t, caddyConfig{LogLevel: "INFO", Routes: []map[string]any{godistRoute(map[string]any{
 				"upstreams": upstreamsJSON(addrs...), "hash_key": "ip", "on_down": onDown,
 				"health_checks": map[string]any{"active": map[string]any{"interval": "50ms", "timeout": "1s"}},
@@ -861,6 +884,9 @@ func TestOnDown(t *testing.T) {
 			onX, onY := start(toX), start(toY)
 
 			backends[0].ln.Close() // it accepts no more: its checks fail
+			if tc.hang {
+				close(hang)
+			}
 			eventually(t, testTimeout, "b0 down", func() error {
 				if _, u := c.upstreamNamed(t, addrs[0]); u.Health.Status != "down" {
 					return errors.New("still up")
