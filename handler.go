@@ -282,7 +282,7 @@ func (h *Handler) dialUpstream(down *layer4.Connection, key string, d *dialOutco
 	case n == 0:
 		errs = append(errs, errEmptyPool)
 	case d.attempts == 0:
-		errs = append(errs, nothingToDial(m, d))
+		errs = append(errs, nothingToDial(m))
 	}
 	d.err = errors.Join(errs...)
 }

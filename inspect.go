@@ -70,7 +70,9 @@ type upstreamStatus struct {
 	Totals            upstreamTotals `json:"totals"`
 
 	// What its tier's picker weighs it by now: weight times the
-	// operator's factor and its slow start ramp.
+	// operator's factor and its slow start ramp. With slow_start, an
+	// upstream down, drained or in maintenance has the weight its ramp
+	// will start from.
 	EffectiveWeight float64 `json:"effective_weight"`
 	// Its slow start ramp, while it ramps.
 	SlowStart *rampStatus `json:"slow_start,omitempty"`
@@ -87,7 +89,7 @@ type rampStatus struct {
 }
 
 // operatorStatus is an upstream's operator record, with the connections
-// that a drain or a maint with keep_connections leaves open to it.
+// that a drain, or a maint, leaves open to it.
 type operatorStatus struct {
 	opRecord
 

@@ -478,7 +478,6 @@ func (h *Handler) Cleanup() error {
 		held = m.pool
 		h.book.leave(dialsOf(m.pool))
 	}
-
 	for _, u := range held {
 		u.releaseConfig()
 	}

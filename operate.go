@@ -371,7 +371,7 @@ func unixTime(nanos int64) time.Time {
 
 // nothingToDial says why a connection found no upstream it could dial:
 // every one held by an operator, at max_connections, or some of each.
-func nothingToDial(m *membership, d *dialOutcome) error {
+func nothingToDial(m *membership) error {
 	held := 0
 	for _, u := range m.pool {
 		if u.op != opReady {
