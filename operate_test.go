@@ -61,8 +61,17 @@ func dialFrom(t *testing.T, ip, addr string) *lineClient {
 		t.Fatalf("dialling %s from %s: %v", addr, ip, err)
 	}
 	_ = conn.SetDeadline(time.Now().Add(testTimeout))
-	t.Cleanup(func() { conn.Close() })
-	return &lineClient{key: ip, conn: conn.(*net.TCPConn), r: bufio.NewReader(conn)}
+	c := &lineClient{key: ip, conn: conn.(*net.TCPConn), r: bufio.NewReader(conn)}
+	t.Cleanup(c.close)
+	return c
+}
+
+// close closes the connection with a reset, so that it leaves no socket
+// in TIME_WAIT on its address: one on 127.0.x.y would keep the port from
+// a listener on all addresses that a later test binds for a minute.
+func (c *lineClient) close() {
+	_ = c.conn.SetLinger(0)
+	_ = c.conn.Close()
 }
 
 // talk sends a line and returns the name of the backend that echoed it,
@@ -88,7 +97,7 @@ func (c *lineClient) talk() (string, error) {
 func landsOn(t *testing.T, ip, addr string) string {
 	t.Helper()
 	c := dialFrom(t, ip, addr)
-	defer c.conn.Close()
+	defer c.close()
 	name, err := c.talk()
 	if err != nil {
 		t.Fatalf("a connection from %s: %v", ip, err)
