@@ -36,11 +36,17 @@ func init() {
 //     digests, to compare Caddy instances.
 //   - POST /godist/plan: what replacing a handler's static upstreams would
 //     move.
+//   - POST /godist/upstreams/state: set an upstream's operator state
+//     (ready, drain, maint, a weight factor) for a handler name, in
+//     Caddy's storage, where every instance sharing it picks it up
+//     (docs/operate.md).
 //
-// Every endpoint takes handler=<index> to ask one handler only. None
-// changes anything, and none costs more than about a second of one core
-// (see maxPlanUpstreams and the limits beside it). Errors are answered as Caddy's admin API answers them,
-// {"error": "..."} with a 4xx status.
+// Every GET endpoint and the plan take handler=<index> to ask one handler
+// only; the state is set by handler name, in its body. Only the state
+// changes anything, and no endpoint costs more than about a second of one
+// core (see maxPlanUpstreams and the limits beside it). Errors are
+// answered as Caddy's admin API answers them, {"error": "..."} with a 4xx
+// status, or 503 when the storage fails.
 type adminAPI struct{}
 
 // CaddyModule returns the Caddy module information.
@@ -93,6 +99,7 @@ func (adminAPI) Routes() []caddy.AdminRoute {
 		{Pattern: "/godist/pick", Handler: adminEndpoint(http.MethodGet, []string{"handler", "key", "ip", "port"}, servePick)},
 		{Pattern: "/godist/fingerprint", Handler: adminEndpoint(http.MethodGet, []string{"handler"}, serveFingerprint)},
 		{Pattern: "/godist/plan", Handler: adminEndpoint(http.MethodPost, []string{"handler"}, servePlan)},
+		{Pattern: "/godist/upstreams/state", Handler: adminEndpoint(http.MethodPost, nil, serveOpState)},
 		{Pattern: "/godist/", Handler: caddy.AdminHandlerFunc(serveUnknown)},
 	}
 }
@@ -112,7 +119,11 @@ func adminEndpoint(method string, params []string, serve func(http.ResponseWrite
 		}
 		for _, name := range slices.Sorted(maps.Keys(q)) {
 			if !slices.Contains(params, name) {
-				return apiErrorf(http.StatusBadRequest, "unknown query parameter %q: %s takes %s", name, r.URL.Path, strings.Join(params, ", "))
+				takes := strings.Join(params, ", ")
+				if takes == "" {
+					takes = "none: its request is in its body"
+				}
+				return apiErrorf(http.StatusBadRequest, "unknown query parameter %q: %s takes %s", name, r.URL.Path, takes)
 			}
 			if n := len(q[name]); n > 1 {
 				return apiErrorf(http.StatusBadRequest, "query parameter %q given %d times", name, n)
@@ -123,7 +134,7 @@ func adminEndpoint(method string, params []string, serve func(http.ResponseWrite
 }
 
 func serveUnknown(_ http.ResponseWriter, r *http.Request) error {
-	return apiErrorf(http.StatusNotFound, "no godist endpoint %s: there are /godist/upstreams, /godist/pick, /godist/fingerprint and /godist/plan", r.URL.Path)
+	return apiErrorf(http.StatusNotFound, "no godist endpoint %s: there are /godist/upstreams, /godist/pick, /godist/fingerprint, /godist/plan and /godist/upstreams/state", r.URL.Path)
 }
 
 func serveUpstreams(w http.ResponseWriter, _ *http.Request, q url.Values) error {
@@ -170,6 +181,49 @@ func servePick(w http.ResponseWriter, _ *http.Request, q url.Values) error {
 		out[i] = ih.h.pick(ih.index, key, now)
 	}
 	return writeJSON(w, out)
+}
+
+// serveOpState sets an upstream's operator state: it checks the request,
+// writes the state to the storage of the handler name's store, applies it
+// to the running handlers of the name before it answers (the other
+// instances read it at their next poll), and answers with the state
+// before and after.
+func serveOpState(w http.ResponseWriter, r *http.Request, _ url.Values) error {
+	req, err := parseOpStateRequest(r.Body)
+	if err != nil {
+		return err
+	}
+	all := liveHandlers.list()
+	names := make([]string, len(all))
+	for i, h := range all {
+		names[i] = h.name
+	}
+	if err := resolveOpHandler(&req, names); err != nil {
+		return err
+	}
+	var named []*Handler
+	var known []string
+	for _, h := range all {
+		if h.name == req.Handler {
+			named = append(named, h)
+			known = append(known, dialsOf(h.members.Load().pool)...)
+		}
+	}
+	// Handlers of one name share one store per storage; the newest holds
+	// the storage the config chose.
+	store := named[len(named)-1].opStore
+	before, after, err := store.set(r.Context(), req)
+	if err != nil {
+		return apiErrorf(http.StatusServiceUnavailable, "%v", err)
+	}
+	for _, h := range named {
+		h.refresh()
+	}
+	ans := opStateAnswer{Handler: req.Handler, Upstream: req.Upstream, Previous: before, State: after}
+	if w := unknownUpstreamWarning(req, known); w != "" {
+		ans.Warnings = append(ans.Warnings, w)
+	}
+	return writeJSON(w, ans)
 }
 
 // planRequest is the body of POST /godist/plan.

@@ -769,7 +769,7 @@ func TestAdminErrors(t *testing.T) {
 		{"PUT fingerprint", "PUT", "/godist/fingerprint", "", 405, "method PUT not allowed on /godist/fingerprint: use GET", "GET"},
 		{"GET plan", "GET", "/godist/plan", "", 405, "method GET not allowed on /godist/plan: use POST", "POST"},
 		{"unknown endpoint", "GET", "/godist/picks", "", 404,
-			"no godist endpoint /godist/picks: there are /godist/upstreams, /godist/pick, /godist/fingerprint and /godist/plan", ""},
+			"no godist endpoint /godist/picks: there are /godist/upstreams, /godist/pick, /godist/fingerprint, /godist/plan and /godist/upstreams/state", ""},
 		{"unknown parameter", "GET", "/godist/upstreams?verbose=1", "", 400, `unknown query parameter "verbose": /godist/upstreams takes handler`, ""},
 		{"unknown pick parameter", "GET", "/godist/pick?key=a&hash_key=ip", "", 400, `unknown query parameter "hash_key": /godist/pick takes handler, key, ip, port`, ""},
 		{"parameter twice", "GET", "/godist/pick?key=a&key=b", "", 400, `query parameter "key" given 2 times`, ""},

@@ -30,6 +30,11 @@ import (
 //		max_connections <n>
 //		proxy_protocol v1|v2
 //
+//		name <name>
+//		slow_start <duration>
+//		on_down keep|close
+//		state_poll_interval <duration>
+//
 //		health_interval <duration>
 //		health_timeout <duration>
 //		health_port <port>
@@ -87,6 +92,18 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			err = p.positiveIntArg(&h.MaxConnections)
 		case "proxy_protocol":
 			err = p.stringArg(&h.ProxyProtocol, func(s string) error { _, err := parseProxyProtocol(s); return err })
+		case "name":
+			err = p.stringArg(&h.Name, validateHandlerName)
+		case "slow_start":
+			if err = p.durationArg(&h.SlowStart); err == nil {
+				err = p.check(validateSlowStart(h.SlowStart))
+			}
+		case "on_down":
+			err = p.stringArg(&h.OnDown, func(s string) error { _, err := parseOnDown(s); return err })
+		case "state_poll_interval":
+			if err = p.durationArg(&h.StatePollInterval); err == nil {
+				err = p.check(validateStatePollInterval(h.StatePollInterval))
+			}
 		case "health_interval":
 			err = p.durationArg(&h.activeChecks().Interval)
 		case "health_timeout":
@@ -188,6 +205,14 @@ func (p *optionParser) stringArg(dst *string, check func(string) error) error {
 		return p.d.WrapErr(err)
 	}
 	*dst = p.d.Val()
+	return nil
+}
+
+// check returns err, if any, with the place in the Caddyfile.
+func (p *optionParser) check(err error) error {
+	if err != nil {
+		return p.d.WrapErr(err)
+	}
 	return nil
 }
 

@@ -154,7 +154,8 @@ func (h *Handler) setDiscovered(set []DiscoveredUpstream) {
 //
 // An upstream that stays, with the same weight and tier, is the same
 // *upstream in the new membership; one whose weight or tier changed is a
-// copy sharing its state; a new one takes a reference to the shared state
+// copy sharing its state (buildLocked copies one whose operator state
+// changed, too); a new one takes a reference to the shared state
 // of its dial address (so an address seen before, in this config or the
 // one before, comes back with its health and counts), and one that left
 // gives its reference back (its state lives on while a connection to it
@@ -200,13 +201,47 @@ func (h *Handler) installLocked(set []DiscoveredUpstream) *membership {
 			ce.Write(zap.Strings("upstreams", shadowed))
 		}
 	}
-	m := newMembership(h.HashKey, pool)
+	h.noteMembersLocked(current, pool)
+	m, _ := h.buildLocked(pool, h.opStore.snapshot(), time.Now())
 	h.members.Store(m)
 	h.syncCheckersLocked(m)
 	for _, u := range had {
 		u.releaseConfig()
 	}
 	return m
+}
+
+// noteMembersLocked records in the name's book the upstreams that join and
+// leave with the change from before (nil at Provision) to pool, and wakes
+// the operator goroutine for their ramps. The upstreams a handler starts
+// with are added only if a config of its name ran before this one. The
+// caller holds h.memberMu.
+func (h *Handler) noteMembersLocked(before *membership, pool []*upstream) {
+	now := time.Now()
+	if before == nil {
+		h.book.join(dialsOf(pool), now, h.book.config == h.ctx.Done())
+		return
+	}
+	was := make(map[string]bool, len(before.pool))
+	for _, u := range before.pool {
+		was[u.dial] = true
+	}
+	var joined []string
+	for _, u := range pool {
+		if !was[u.dial] {
+			joined = append(joined, u.dial)
+		}
+		delete(was, u.dial)
+	}
+	h.book.join(joined, now, false)
+	left := make([]string, 0, len(was))
+	for dial := range was {
+		left = append(left, dial)
+	}
+	h.book.leave(left)
+	if len(joined) > 0 && h.SlowStart > 0 {
+		h.nudge.notify() // their ramps' next steps
+	}
 }
 
 // logChange logs a change of membership at info: the lookups behind it,

@@ -42,7 +42,6 @@ func (h *Handler) Handle(down *layer4.Connection, _ layer4.Handler) error {
 		h.leave()
 		return nil
 	}
-	h.sessions.add(s)
 	if s.detach() {
 		s.run()
 		return nil
@@ -270,7 +269,11 @@ func (h *Handler) dialUpstream(down *layer4.Connection, key string, d *dialOutco
 					if d.failed.has(i) || d.full.has(i) {
 						return false
 					}
-					if healthyOnly && h.usability(m.pool[i], &now)&downReasons != 0 {
+					why := h.usability(m.pool[i], &now)
+					if why&operatorReasons != 0 {
+						return false // in every pass: see operatorReasons
+					}
+					if healthyOnly && why&downReasons != 0 {
 						d.unhealthy.set(i)
 						d.passedOver = true
 						return false
@@ -325,7 +328,7 @@ func (h *Handler) dialUpstream(down *layer4.Connection, key string, d *dialOutco
 	case n == 0:
 		errs = append(errs, errEmptyPool)
 	case d.attempts == 0:
-		errs = append(errs, errAllFull)
+		errs = append(errs, nothingToDial(m))
 	}
 	d.err = errors.Join(errs...)
 }
@@ -375,6 +378,8 @@ func (h *Handler) describeSkipped(d *dialOutcome) []string {
 			out = append(out, u.dial+": at max_connections")
 		case d.unhealthy.has(i) && i != d.index:
 			out = append(out, u.dial+": unhealthy")
+		case u.op != opReady:
+			out = append(out, u.dial+": "+u.op.String()+", set by an operator")
 		}
 	}
 	return out

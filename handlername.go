@@ -73,16 +73,6 @@ type handlerInfo struct {
 }
 
 // info returns what the info metric reports of h.
-//
-// INTEGRATION: until the handler has its name option and its operator
-// state store, every handler reports the default name and no operator
-// state; the lead's wiring replaces the body with
-//
-//	return handlerInfo{h.name, h.fingerprint, h.opStore.snapshot().digest}
 func (h *Handler) info() handlerInfo {
-	fp := ""
-	if m := h.members.Load(); m != nil {
-		fp = m.fingerprint
-	}
-	return handlerInfo{name: defaultHandlerName, fingerprint: fp, operatorState: opDigestNone}
+	return handlerInfo{name: h.name, fingerprint: h.members.Load().fingerprint, operatorState: h.opStore.snapshot().digest}
 }

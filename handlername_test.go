@@ -51,12 +51,21 @@ func TestValidateHandlerName(t *testing.T) {
 // TestCollectHandlerInfo checks that handlers alike make one info series,
 // and handlers that differ one each.
 func TestCollectHandlerInfo(t *testing.T) {
-	withFingerprint := func(fp string) *Handler {
-		h := new(Handler)
+	drained := newOpStore("db", &opHolder{})
+	drained.snap.Store(newOpSnapshot(map[string]opRecord{"10.0.0.1:5432": {Handler: "db", Upstream: "10.0.0.1:5432", State: opDrain}}))
+	handler := func(name, fp string, store *opStore) *Handler {
+		h := &Handler{name: name, opStore: store}
+		if store == nil {
+			h.opStore = newOpStore(name, &opHolder{})
+		}
 		h.members.Store(&membership{fingerprint: fp})
 		return h
 	}
-	handlers := []*Handler{withFingerprint("aaaa"), withFingerprint("aaaa"), withFingerprint("bbbb")}
+	handlers := []*Handler{
+		handler("default", "aaaa", nil), handler("default", "aaaa", nil), handler("default", "bbbb", nil),
+		handler("db", "aaaa", nil), handler("db", "aaaa", drained),
+	}
+	digest := drained.snapshot().digest
 	ch := make(chan prometheus.Metric, 10)
 	collectHandlerInfo(ch, handlers)
 	close(ch)
@@ -78,6 +87,8 @@ func TestCollectHandlerInfo(t *testing.T) {
 	want := []string{
 		"fingerprint=aaaa,name=default,operator_state=none",
 		"fingerprint=bbbb,name=default,operator_state=none",
+		"fingerprint=aaaa,name=db,operator_state=none",
+		"fingerprint=aaaa,name=db,operator_state=" + digest,
 	}
 	if strings.Join(got, " ") != strings.Join(want, " ") {
 		t.Errorf("series %v, want %v", got, want)

@@ -188,6 +188,8 @@ func (hc *HealthChecks) passiveEnabled() bool {
 func (h *Handler) noticeRecovery(u *upstream, now int64) {
 	until := u.state.downUntil.Load()
 	if until != 0 && now >= until && u.state.downUntil.CompareAndSwap(until, 0) {
+		u.state.passiveUpAt.Store(until) // it was back from then on
+		healthChanges.notify()
 		h.logger.Info("upstream back: the failed dials are older than fail_duration", zap.String("upstream", u.dial))
 	}
 }
@@ -202,6 +204,7 @@ func (h *Handler) countDialFailure(u *upstream) {
 	p := h.HealthChecks.Passive
 	window := time.Duration(*p.FailDuration)
 	if u.state.recordDialFailure(time.Now().UnixNano(), window, p.MaxFails) {
+		healthChanges.notify()
 		h.logger.Info("upstream down: dials failing",
 			zap.String("upstream", u.dial),
 			zap.Int("max_fails", p.MaxFails),
@@ -306,6 +309,15 @@ func (h *Handler) checkAndRecord(ctx context.Context, c *checker) {
 	if ctx.Err() != nil {
 		return
 	}
+	if h.inMaintenance(c.u.dial) {
+		// An operator took it out for work on it: what the checks find
+		// meanwhile does not count, up or down. The first check after
+		// the maintenance counts again.
+		if ce := h.logger.Check(zap.DebugLevel, "health check not counted: the upstream is in maintenance"); ce != nil {
+			ce.Write(zap.String("upstream", c.u.dial), zap.NamedError("check_error", err))
+		}
+		return
+	}
 	h.recordCheck(c, err)
 }
 
@@ -371,6 +383,7 @@ func (h *Handler) recordCheck(c *checker, checkErr error) {
 	if up && u.state.clearFailures(time.Now().UnixNano()) {
 		// It just accepted a connection from the checker: the dials that
 		// failed before no longer say anything.
+		healthChanges.notify()
 		h.logger.Info("upstream back: an active check passed since its dials failed", zap.String("upstream", u.dial))
 	}
 	if !changed {
@@ -381,11 +394,16 @@ func (h *Handler) recordCheck(c *checker, checkErr error) {
 		}
 		return
 	}
+	healthChanges.notify()
 	if up {
 		h.logger.Info("upstream up: health checks pass", zap.String("upstream", u.dial), zap.Int("rise", a.Rise))
-	} else {
-		h.logger.Info("upstream down: health checks fail", zap.String("upstream", u.dial), zap.Int("fall", a.Fall), zap.Error(checkErr))
+		return
 	}
+	h.logger.Info("upstream down: health checks fail", zap.String("upstream", u.dial), zap.Int("fall", a.Fall), zap.Error(checkErr))
+	// on_down close: the verdict is the upstream's, shared by every
+	// handler that names it, so the connections of every handler with
+	// on_down close are closed, whichever handler's check took it down.
+	closeSessions(h.logger, u.dial, closeOnDown, func(o *Handler) bool { return o.closeOnDown })
 }
 
 func isUDP(network string) bool {

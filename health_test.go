@@ -25,7 +25,7 @@ func TestCutShortCheckNotCounted(t *testing.T) {
 	})
 	h := &Handler{logger: zap.NewNop(), HealthChecks: &HealthChecks{Active: &ActiveHealthChecks{
 		Timeout: caddy.Duration(testTimeout), Expect: "OK", Rise: 1, Fall: 1,
-	}}}
+	}}, opStore: newOpStore(defaultHandlerName, &opHolder{})}
 	u, err := takeUpstream(slow.addr)
 	if err != nil {
 		t.Fatal(err)

@@ -21,8 +21,13 @@ type handlerStatus struct {
 	// handler= parameter takes. It is stable only while the same config
 	// runs; Fingerprint names what the handler does.
 	Handler     int    `json:"handler"`
+	Name        string `json:"name"` // what its operator states are kept under
 	Fingerprint string `json:"fingerprint"`
 	HashKey     string `json:"hash_key"`
+
+	// The digest of the operator states in force for its name, as the
+	// info metric reports it: "none" without any.
+	OperatorState string `json:"operator_state"`
 
 	Connections    int    `json:"connections"`     // flowing through this handler now
 	MaxConnections int    `json:"max_connections"` // 0: no limit
@@ -76,6 +81,34 @@ type upstreamStatus struct {
 	// not in the serving tier).
 	HandlerConnections int64  `json:"handler_connections"`
 	Cap                *int64 `json:"cap,omitempty"`
+
+	// What its tier's picker weighs it by now: weight times the
+	// operator's factor and its slow start ramp. With slow_start, an
+	// upstream down, drained or in maintenance has the weight its ramp
+	// will start from.
+	EffectiveWeight float64 `json:"effective_weight"`
+	// Its slow start ramp, while it ramps.
+	SlowStart *rampStatus `json:"slow_start,omitempty"`
+	// The state an operator set for it, under the handler's name; absent
+	// when it is ready at its full weight.
+	Operator *operatorStatus `json:"operator,omitempty"`
+}
+
+// rampStatus is an upstream's slow start ramp.
+type rampStatus struct {
+	Since  time.Time `json:"since"`  // when it became usable
+	Until  time.Time `json:"until"`  // when it has its full weight
+	Factor float64   `json:"factor"` // the fraction of its weight it has now
+}
+
+// operatorStatus is an upstream's operator record, with the connections
+// that a drain, or a maint, leaves open to it.
+type operatorStatus struct {
+	opRecord
+
+	// The connections this handler, and the configs of its name before
+	// it, still have open to the upstream; for drain and maint only.
+	RemainingConnections *int `json:"remaining_connections,omitempty"`
 }
 
 // healthStatus says whether a handler offers new connections to an
@@ -112,6 +145,17 @@ type upstreamTotals struct {
 	OverflowPicks uint64 `json:"overflow_picks"` // connections it was the first choice of but that balance_factor sent on
 	SentBytes     uint64 `json:"sent_bytes"`
 	ReceivedBytes uint64 `json:"received_bytes"`
+
+	// Connections godist closed while they flowed, by why; absent while
+	// there are none.
+	Closed closedTotals `json:"closed_connections,omitzero"`
+}
+
+// closedTotals counts the connections to an upstream that godist closed.
+type closedTotals struct {
+	Maint         uint64 `json:"maint"`          // an operator put it in maintenance
+	DrainDeadline uint64 `json:"drain_deadline"` // its drain reached its deadline
+	OnDown        uint64 `json:"on_down"`        // on_down close, when the active checks marked it down
 }
 
 // Values of healthStatus.DownBy.
@@ -124,10 +168,13 @@ const (
 func (h *Handler) status(index int, now time.Time) handlerStatus {
 	m := h.members.Load()
 	nanos := now.UnixNano()
+	snap := h.opStore.snapshot()
 	hs := handlerStatus{
 		Handler:        index,
+		Name:           h.name,
 		Fingerprint:    m.fingerprint,
 		HashKey:        h.hashKeyName(),
+		OperatorState:  snap.digest,
 		Connections:    h.sessions.len(),
 		MaxConnections: h.MaxConnections,
 		RejectedOver:   h.rejected.Load(),
@@ -171,9 +218,27 @@ func (h *Handler) status(index int, now time.Time) handlerStatus {
 				OverflowPicks: st.overflows.Load(),
 				SentBytes:     st.bytesTo.Load(),
 				ReceivedBytes: st.bytesFrom.Load(),
+				Closed: closedTotals{
+					Maint:         st.closed[closeMaint].Load(),
+					DrainDeadline: st.closed[closeDrainDeadline].Load(),
+					OnDown:        st.closed[closeOnDown].Load(),
+				},
 			},
 			HandlerConnections: u.load.Load(),
 			Cap:                caps[i],
+			EffectiveWeight:    m.weight(i),
+		}
+		if m.ramps != nil && m.ramps[i].factor > 0 {
+			r := m.ramps[i]
+			hs.Upstreams[i].SlowStart = &rampStatus{Since: r.since.UTC(), Until: r.until.UTC(), Factor: r.factor}
+		}
+		if r, ok := snap.lookup(h.name, u.dial); ok {
+			op := &operatorStatus{opRecord: r}
+			if !r.takesNew() {
+				n := h.remainingTo(u.dial)
+				op.RemainingConnections = &n
+			}
+			hs.Upstreams[i].Operator = op
 		}
 	}
 	return hs
@@ -294,13 +359,13 @@ type pickStatus struct {
 
 	// The upstream a new connection with this key would be dialled at
 	// first, and its rank in Order; null when every upstream is at
-	// max_connections.
+	// max_connections, drained or in maintenance.
 	Upstream *string `json:"upstream"`
 	Rank     int     `json:"rank,omitempty"`
 
 	// Fallback is true when no upstream is usable: the handler then tries
 	// the unhealthy ones too, in the same order, and Upstream is the first
-	// of them with room.
+	// of them with room; never one drained or in maintenance.
 	Fallback bool `json:"fallback"`
 
 	// The tier that serves: the lowest with a usable upstream; null when
@@ -375,7 +440,7 @@ func (h *Handler) pick(index int, key string, now time.Time) pickStatus {
 		} else if why == 0 && chosen < 0 {
 			chosen = r
 		}
-		if why&atMaxConnections == 0 && firstWithRoom < 0 {
+		if why&(atMaxConnections|operatorReasons) == 0 && firstWithRoom < 0 {
 			firstWithRoom = r
 		}
 		ps.Order = append(ps.Order, c)

@@ -59,6 +59,16 @@ type membership struct {
 
 	fingerprint string // the first 16 hex digits of digested's SHA-256
 	digested    string // fingerprintText of the pool
+
+	// weights holds each upstream's effective weight, what its tier's
+	// picker ranks it by: its configured weight times the operator's
+	// factor and its slow start ramp (operate.go); nil when every
+	// upstream has its configured weight. The fingerprint digests the
+	// configured weights, never these.
+	weights []float64
+	// ramps holds the slow start ramp of each upstream, by pool index;
+	// nil when none ramps.
+	ramps []ramp
 }
 
 // tier is the upstreams of one tier number, and the picker that ranks
@@ -69,10 +79,17 @@ type tier struct {
 	picker  *Picker // over members, in the same order
 }
 
-// newMembership groups pool by tier and builds each tier's picker. The
-// dial addresses in pool must be distinct.
+// newMembership groups pool by tier and builds each tier's picker, over
+// the configured weights. The dial addresses in pool must be distinct.
 func newMembership(hashKey string, pool []*upstream) *membership {
-	m := &membership{pool: pool}
+	return newWeightedMembership(hashKey, pool, nil, nil)
+}
+
+// newWeightedMembership is newMembership with each tier's picker over
+// the effective weights given by pool index (nil: the configured ones),
+// and the ramps behind them, for inspection.
+func newWeightedMembership(hashKey string, pool []*upstream, weights []float64, ramps []ramp) *membership {
+	m := &membership{pool: pool, weights: weights, ramps: ramps}
 	for i, u := range pool {
 		j, found := slices.BinarySearchFunc(m.tiers, u.tier, func(t tier, n int) int { return cmp.Compare(t.number, n) })
 		if !found {
@@ -82,6 +99,14 @@ func newMembership(hashKey string, pool []*upstream) *membership {
 	}
 	for k := range m.tiers {
 		t := &m.tiers[k]
+		if weights != nil {
+			dials, ws := make([]string, len(t.members)), make([]float64, len(t.members))
+			for j, i := range t.members {
+				dials[j], ws[j] = pool[i].dial, weights[i]
+			}
+			t.picker = newWeightedPicker(dials, ws)
+			continue
+		}
 		ups := make([]PickerUpstream, len(t.members))
 		for j, i := range t.members {
 			ups[j] = PickerUpstream{Dial: pool[i].dial, Weight: pool[i].weight}
@@ -92,6 +117,15 @@ func newMembership(hashKey string, pool []*upstream) *membership {
 	sum := sha256.Sum256([]byte(m.digested))
 	m.fingerprint = hex.EncodeToString(sum[:])[:16]
 	return m
+}
+
+// weight returns the effective weight of upstream i: what its tier's
+// picker ranks it by.
+func (m *membership) weight(i int) float64 {
+	if m.weights == nil {
+		return float64(m.pool[i].weight)
+	}
+	return m.weights[i]
 }
 
 // upstreamList returns the pool as the config would list it: what the

@@ -42,11 +42,14 @@ var (
 		"Bytes received from an upstream, counted when each connection ends.", []string{"upstream"}, nil)
 	descHealthy = prometheus.NewDesc(metricsNamespace+"_upstream_healthy",
 		"Whether an upstream is up (1) or down (0) by the active checks and the recent failed dials.", []string{"upstream"}, nil)
+	descClosed = prometheus.NewDesc(metricsNamespace+"_upstream_closed_connections_total",
+		"Connections to an upstream that godist closed while they flowed: reason maint (an operator put it in maintenance), drain_deadline (its drain reached its deadline) or on_down (on_down close, when the active checks marked it down).",
+		[]string{"upstream", "reason"}, nil)
 	descRejected = prometheus.NewDesc(metricsNamespace+"_rejected_connections_total",
 		"Connections closed on arrival over a limit: a handler's max_connections, or the file descriptors the process can spare.",
 		[]string{"limit"}, nil)
 	descNoUpstream = prometheus.NewDesc(metricsNamespace+"_no_upstream_connections_total",
-		"Connections closed because no upstream answered.", nil, nil)
+		"Connections closed because no upstream answered, or none could be dialled (every one at max_connections, drained or in maintenance).", nil, nil)
 	descAcceptErrors = prometheus.NewDesc(metricsNamespace+"_accept_errors_total",
 		"Accepts on a godist-tcp listener that failed for want of a local resource and were retried after a backoff.",
 		[]string{"error"}, nil)
@@ -90,7 +93,7 @@ func registerMetrics(reg *prometheus.Registry) error {
 // Describe implements prometheus.Collector.
 func (collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descConnections, descActive, descDialFailures, descFailovers, descOverflows,
-		descBytesTo, descBytesFrom, descHealthy, descRejected, descNoUpstream, descAcceptErrors,
+		descBytesTo, descBytesFrom, descHealthy, descClosed, descRejected, descNoUpstream, descAcceptErrors,
 		descSourceLastSuccess, descSourceFailures, descSourceRecords, descHandlerInfo} {
 		ch <- d
 	}
@@ -120,6 +123,9 @@ func (collector) Collect(ch chan<- prometheus.Metric) {
 			healthy = 0
 		}
 		ch <- prometheus.MustNewConstMetric(descHealthy, prometheus.GaugeValue, healthy, dial)
+		for why := closeMaint; why < closeReasons; why++ {
+			ch <- prometheus.MustNewConstMetric(descClosed, prometheus.CounterValue, float64(st.closed[why].Load()), dial, why.String())
+		}
 		return true
 	})
 	ch <- prometheus.MustNewConstMetric(descRejected, prometheus.CounterValue, float64(rejectedOverLimit.Load()), "max_connections")

@@ -132,6 +132,48 @@ type Handler struct {
 	// Default: 0.
 	MaxConnections int `json:"max_connections,omitempty"`
 
+	// The handler's name: what its operator states (drain, maint and
+	// weight overrides, set through POST /godist/upstreams/state; see
+	// docs/operate.md) are kept under in Caddy's storage, and what the
+	// admin API and the info metric call it. 1 to 64 letters, digits, '-',
+	// '_' and '.', starting with a letter or a digit. Handlers of one name
+	// share their operator states: across routes, config reloads, and
+	// every Caddy instance that uses the same storage. A name does not
+	// change when the upstreams, routes or listeners do; unnamed handlers
+	// all share the default one, as they share an upstream's health.
+	//
+	// Default: `default`.
+	Name string `json:"name,omitempty"`
+
+	// How long an upstream that becomes usable takes to reach its full
+	// weight: one added (found by dynamic_upstreams, or by a config
+	// reload), one back up after health checks or failed dials took it
+	// down, or one back from an operator's drain or maint. Its weight
+	// ramps from 10% of its full weight to all of it, in steps; keys move
+	// only toward it meanwhile, never between two others. Nothing ramps
+	// when Caddy starts. 0 turns the ramp off; at most 24h.
+	//
+	// Default: 0 (no ramp).
+	SlowStart caddy.Duration `json:"slow_start,omitempty"`
+
+	// What happens to the connections open to an upstream when the active
+	// health checks mark it down: `keep` lets them flow until they fail by
+	// themselves; `close` closes them, so that their clients reconnect to
+	// their next choice. Failed dials never close connections. `close`
+	// needs active health checks.
+	//
+	// Default: `keep`.
+	OnDown string `json:"on_down,omitempty"`
+
+	// How often this instance reads the operator states of its name from
+	// Caddy's storage (the `storage` global option): a state set through
+	// another Caddy instance that uses the same storage applies here
+	// within this interval. At least 100ms; zero or unset means the
+	// default.
+	//
+	// Default: 2s.
+	StatePollInterval caddy.Duration `json:"state_poll_interval,omitempty"`
+
 	ctx       caddy.Context
 	logger    *zap.Logger
 	failLog   *logLimiter // error lines on the per-connection path
@@ -139,6 +181,15 @@ type Handler struct {
 	dialer    net.Dialer
 	passive   bool // whether failed dials count against upstreams
 	ppVersion byte // PROXY protocol version to send, 0 for none
+
+	// The operator's side (operate.go): the handler's name, the store of
+	// its operator states, whether on_down closes connections, and the
+	// record of when its upstreams joined, for slow start.
+	name        string
+	opStore     *opStore
+	closeOnDown bool
+	book        *memberBook
+	nudge       signal // wakes the operator goroutine (operate)
 
 	// members is the membership every connection hashes over: see the
 	// rules in membership.go. Never nil once Provision has returned.
@@ -261,6 +312,16 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 
 	h.hashKey, _ = newHashKey(h.HashKey)                 // checked by Validate
 	h.ppVersion, _ = parseProxyProtocol(h.ProxyProtocol) // likewise
+	h.closeOnDown, _ = parseOnDown(h.OnDown)             // likewise
+	h.name = handlerName(h.Name)
+	// The states the storage holds are read before the first membership
+	// is built, so that a restarted Caddy starts with every drain in force.
+	store, err := acquireOpStore(ctx, ctx.Storage(), h.name, time.Duration(h.StatePollInterval))
+	if err != nil {
+		return err
+	}
+	h.opStore = store
+	h.book = acquireMemberBook(ctx, h.name)
 	for i, u := range h.Upstreams {
 		pu, err := newUpstream(u)
 		if err != nil {
@@ -297,6 +358,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	h.started = true
 	m := h.members.Load()
 	h.memberMu.Unlock()
+	h.goroutines.Go(h.operate)
 	fields := []zap.Field{
 		zap.String("fingerprint", m.fingerprint),
 		zap.String("hash_key", h.hashKey.kind.String()),
@@ -338,6 +400,22 @@ func (h *Handler) Validate() error {
 	}
 	if h.MaxConnections < 0 {
 		return fmt.Errorf("max_connections %d: must not be negative", h.MaxConnections)
+	}
+	if err := validateHandlerName(h.Name); err != nil {
+		return err
+	}
+	if err := validateSlowStart(h.SlowStart); err != nil {
+		return err
+	}
+	closes, err := parseOnDown(h.OnDown)
+	if err != nil {
+		return err
+	}
+	if closes && (h.HealthChecks == nil || h.HealthChecks.Active == nil) {
+		return fmt.Errorf("on_down %s: needs active health checks (health_checks.active, or a health_* option in the Caddyfile): only they mark an upstream down for it", h.OnDown)
+	}
+	if err := validateStatePollInterval(h.StatePollInterval); err != nil {
+		return err
 	}
 	if h.HealthChecks != nil {
 		return h.HealthChecks.validate()
@@ -383,6 +461,9 @@ func (h *Handler) Cleanup() error {
 	if !h.cleanedUp.CompareAndSwap(false, true) {
 		return nil
 	}
+	// Its connections flow on: a maint or an on_down close must still
+	// reach them. Retired first, so that no sweep misses them meanwhile.
+	retiredHandlers.retire(h)
 	liveHandlers.remove(h)
 	h.memberMu.Lock()
 	h.closed = true
@@ -411,6 +492,7 @@ func (h *Handler) Cleanup() error {
 	held := h.static // a Provision that failed built no membership
 	if m != nil {
 		held = m.pool
+		h.book.leave(dialsOf(m.pool))
 	}
 	for _, u := range held {
 		u.releaseConfig()

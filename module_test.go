@@ -137,6 +137,24 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 			want: `{"upstreams":[{"dial":"10.0.9.1:5432","tier":65536}],"dynamic_upstreams":{"source":"a","name":"db.internal","port":"5432"}}`,
 		},
 		{
+			name: "operating a fleet",
+			input: `godist 10.0.0.1:5432 10.0.0.2:5432 {
+				name db-primary.eu
+				slow_start 30s
+				on_down close
+				state_poll_interval 500ms
+				health_interval 2s
+			}`,
+			want: `{"upstreams":[{"dial":"10.0.0.1:5432"},{"dial":"10.0.0.2:5432"}],"name":"db-primary.eu",
+				"slow_start":30000000000,"on_down":"close","state_poll_interval":500000000,
+				"health_checks":{"active":{"interval":2000000000}}}`,
+		},
+		{
+			name:  "on_down keep",
+			input: "godist 127.0.0.1:1 {\n on_down keep\n}",
+			want:  `{"upstreams":[{"dial":"127.0.0.1:1"}],"on_down":"keep"}`,
+		},
+		{
 			name:  "durations in days",
 			input: "godist 127.0.0.1:1 {\n idle_timeout 1d\n}",
 			want:  `{"upstreams":[{"dial":"127.0.0.1:1"}],"idle_timeout":86400000000000}`,
@@ -200,6 +218,13 @@ func TestUnmarshalCaddyfileErrors(t *testing.T) {
 		{name: "dynamic twice", input: "godist {\n dynamic a db.internal 5432\n dynamic srv _pg._tcp.db.internal\n}", wantErr: "dynamic already specified, at Testfile:3"},
 		{name: "unknown source", input: "godist {\n dynamic consul db\n}", wantErr: "unrecognized upstream source 'consul': there are a, multi, srv, at Testfile:2"},
 		{name: "a source's own error", input: "godist {\n dynamic a db.internal\n}", wantErr: "port: required: give the upstreams' port after the name or with 'port'"},
+		{name: "bad name", input: "godist 127.0.0.1:1 {\n name db/primary\n}", wantErr: `name "db/primary": '/' at byte 2: only letters, digits, '-', '_' and '.' may be used, at Testfile:2`},
+		{name: "name twice", input: "godist 127.0.0.1:1 {\n name a\n name b\n}", wantErr: "name already specified, at Testfile:3"},
+		{name: "name without an argument", input: "godist 127.0.0.1:1 {\n name\n}", wantErr: "wrong argument count or unexpected line ending after 'name', at Testfile:2"},
+		{name: "slow_start too long", input: "godist 127.0.0.1:1 {\n slow_start 2d\n}", wantErr: "slow_start 48h0m0s: at most 24h0m0s, at Testfile:2"},
+		{name: "slow_start not a duration", input: "godist 127.0.0.1:1 {\n slow_start gently\n}", wantErr: `slow_start: invalid duration "gently"`},
+		{name: "on_down word", input: "godist 127.0.0.1:1 {\n on_down shutdown-sessions\n}", wantErr: `on_down "shutdown-sessions": must be keep or close, at Testfile:2`},
+		{name: "state_poll_interval too short", input: "godist 127.0.0.1:1 {\n state_poll_interval 10ms\n}", wantErr: "state_poll_interval 10ms: at least 100ms (each poll lists the handler's states in the storage), at Testfile:2"},
 		{name: "block on a plain option", input: "godist 127.0.0.1:1 {\n hash_key ip {\n  x\n }\n}", wantErr: "hash_key: does not take a block"},
 	}
 	for _, tt := range tests {

@@ -316,6 +316,11 @@ type opSnapshot struct {
 	// superseded is closed when a newer snapshot is published, so that a
 	// watcher can wait for the next change.
 	superseded chan struct{}
+
+	// returned holds when each upstream came back from drain or maint to
+	// ready, as this process saw it, within the longest slow start: where
+	// its ramp begins. Carried from snapshot to snapshot by the store.
+	returned map[string]time.Time
 }
 
 // opDigestNone is the digest of a snapshot without records.
@@ -332,6 +337,37 @@ func (s *opSnapshot) lookup(handler, dial string) (opRecord, bool) {
 		return r, true
 	}
 	return readyRecord(handler, dial), false
+}
+
+// returnedAt returns when the upstream dialled at dial came back from
+// drain or maint, zero if it did not within the longest slow start.
+func (s *opSnapshot) returnedAt(dial string) time.Time {
+	return s.returned[dial]
+}
+
+// carryReturns returns the returned times of the snapshot that follows
+// old after changes at now: old's, but for those older than the longest
+// slow start, and now for each upstream that changes from taking no new
+// connections to taking them.
+func carryReturns(old *opSnapshot, changes []opChange, now time.Time) map[string]time.Time {
+	var out map[string]time.Time
+	for dial, t := range old.returned {
+		if now.Sub(t) < maxSlowStart {
+			if out == nil {
+				out = make(map[string]time.Time)
+			}
+			out[dial] = t
+		}
+	}
+	for _, c := range changes {
+		if !c.Old.takesNew() && c.New.takesNew() {
+			if out == nil {
+				out = make(map[string]time.Time)
+			}
+			out[c.New.Upstream] = now
+		}
+	}
+	return out
 }
 
 // len returns the number of upstreams whose state an operator changed.
@@ -732,7 +768,9 @@ func (s *opStore) publish(h *opHolder, records map[string]opRecord, startGen uin
 		for _, c := range changes {
 			s.lastVersion[c.New.Upstream] = max(s.lastVersion[c.New.Upstream], c.Old.Version, c.New.Version)
 		}
-		s.snap.Store(newOpSnapshot(records))
+		next := newOpSnapshot(records)
+		next.returned = carryReturns(old, changes, time.Now())
+		s.snap.Store(next)
 		close(old.superseded)
 	}
 	s.mu.Unlock()
@@ -878,7 +916,9 @@ func (s *opStore) set(ctx context.Context, req opStateRequest) (before, after op
 	s.gen++
 	s.writes[req.Upstream] = s.gen
 	s.lastVersion[req.Upstream] = after.Version
-	s.snap.Store(newOpSnapshot(records))
+	next := newOpSnapshot(records)
+	next.returned = carryReturns(old, []opChange{{Old: inForce, New: after}}, time.Now())
+	s.snap.Store(next)
 	close(old.superseded)
 	s.mu.Unlock()
 

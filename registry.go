@@ -77,6 +77,33 @@ func (l *sessionList) len() int {
 	return l.list.Len()
 }
 
+// appendTo appends the connections flowing to the upstream dialled at dial
+// to dst, for closing them (outside the lock: see operate.go).
+func (l *sessionList) appendTo(dst []*session, dial string) []*session {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.list.Each(func(s *session) {
+		if s.upstream.dial == dial {
+			dst = append(dst, s)
+		}
+	})
+	return dst
+}
+
+// countTo returns the number of connections flowing to the upstream
+// dialled at dial.
+func (l *sessionList) countTo(dial string) int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	n := 0
+	l.list.Each(func(s *session) {
+		if s.upstream.dial == dial {
+			n++
+		}
+	})
+	return n
+}
+
 // liveSession is what the admin API learns of a flowing connection.
 type liveSession struct {
 	key      string

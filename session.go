@@ -51,6 +51,10 @@ type session struct {
 	upstream *upstream            // where it went
 	inList   ilist.Links[session] // its place in the handler's sessionList
 
+	// closedBy is why godist closed the session (a closeReason), set once
+	// by compare-and-swap from 0 (operate.go).
+	closedBy atomic.Uint32
+
 	dial    dialOutcome    // how the upstream was chosen
 	dialled sync.WaitGroup // the dialling worker is through
 	pipe    pipe.Pipe
@@ -112,6 +116,11 @@ func (s *session) run() {
 		s.down = nil // caddy-l4's state is given back when Handle returns
 	}
 	s.pipe.Init(client, upstream, pipe.Options{IdleTimeout: time.Duration(s.h.IdleTimeout)}, s)
+	// Listed only once its pipe is ready to abort (operate.go closes
+	// listed sessions); closed at once if an operator's maint reached its
+	// upstream while it was dialled.
+	s.h.sessions.add(s)
+	s.h.closeIfHeld(s)
 	s.pipe.Start(s.finish)
 }
 
@@ -121,6 +130,9 @@ func (s *session) run() {
 func (s *session) finish() {
 	h := s.h
 	h.sessions.remove(s)
+	if h.cleanedUp.Load() {
+		retiredHandlers.leaveIfIdle(h)
+	}
 	h.connectionEnded(s)
 	_ = s.up.Close()
 	if s.detached != nil {

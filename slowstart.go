@@ -41,6 +41,10 @@ const (
 
 	// maxSlowStart bounds the slow_start option.
 	maxSlowStart = 24 * time.Hour
+
+	// capWeightScale is what a fractional weight is multiplied by for the
+	// integer arithmetic of the bounded-load caps.
+	capWeightScale = 1000
 )
 
 // slowStartFactor returns the fraction of its full weight an upstream has
@@ -131,6 +135,12 @@ func validateStatePollInterval(d caddy.Duration) error {
 // NewPicker does when the weights are whole numbers. A weight that is not
 // a positive, finite number counts as the smallest positive one: the
 // upstream keeps its place in the list but wins almost no key.
+//
+// The bounded-load caps (PickBounded) count weights in integers: each
+// weight counts there in thousandths, rounded, at least 1, so that a cap
+// is the one NewPicker's integer weights give when the weights are whole
+// numbers (every weight is scaled alike), and follows a ramp or a factor
+// to a thousandth otherwise.
 func newWeightedPicker(dials []string, weights []float64) *Picker {
 	p := &Picker{nodes: make([]pickerNode, len(dials)), uniform: true}
 	for i, dial := range dials {
@@ -141,6 +151,7 @@ func newWeightedPicker(dials []string, weights []float64) *Picker {
 		p.nodes[i].seeded.Reset()
 		_, _ = p.nodes[i].seeded.WriteString(dial)
 		p.nodes[i].weight = w
+		p.nodes[i].intWeight = uint64(min(max(math.Round(w*capWeightScale), 1), 1<<53))
 		if i > 0 && w != p.nodes[0].weight {
 			p.uniform = false
 		}

@@ -55,6 +55,13 @@ type caddyConfig struct {
 
 	Logs     map[string]any // more logs beside the default one
 	LogLevel string         // the default log's level; DEBUG if empty
+
+	// Storage is the folder of Caddy's storage, where operator states are
+	// kept: a folder of the test's own (startCaddyConfig), never the
+	// user's Caddy data.
+	Storage string
+	// StorageModule, if set, is the storage's whole config instead.
+	StorageModule map[string]any
 }
 
 // testLogWriter is where Caddy's logs go in tests: nowhere, unless
@@ -78,6 +85,12 @@ func (c caddyConfig) JSON(t testing.TB) []byte {
 		"apps": map[string]any{"layer4": map[string]any{"servers": map[string]any{
 			"test": c.server(listen),
 		}}},
+	}
+	switch {
+	case c.StorageModule != nil:
+		cfg["storage"] = c.StorageModule
+	case c.Storage != "":
+		cfg["storage"] = map[string]any{"module": "file_system", "root": c.Storage}
 	}
 	b, err := json.Marshal(cfg)
 	if err != nil {
@@ -146,6 +159,9 @@ func startCaddyRoutes(t testing.TB, network string, routes []map[string]any) *te
 func startCaddyConfig(t testing.TB, cfg caddyConfig) *testCaddy {
 	t.Helper()
 	cfg.AdminAddr = freeAddr(t)
+	if cfg.Storage == "" {
+		cfg.Storage = t.TempDir()
+	}
 	switch {
 	case cfg.Listen != "":
 	case cfg.Network == "udp":

@@ -32,6 +32,10 @@ type upstream struct {
 	tier     int    // the lowest tier with a usable upstream serves
 	source   string // "static", or the name of the lookup that found it
 
+	// op is the operator's state of the upstream for the handler whose
+	// membership holds it (operate.go): a change of state swaps in a copy.
+	op opState
+
 	stateKey any // dial address boxed once, the key in upstreamStates
 	state    *upstreamState
 
@@ -77,6 +81,15 @@ type upstreamState struct {
 	// behind (checkerStopped).
 	activeDown     atomic.Bool
 	activeCheckers atomic.Int32
+
+	// When the active checks last brought it back up, and when failed
+	// dials last stopped holding it down (unix nanoseconds; 0 if never):
+	// where a slow start ramp begins.
+	activeUpAt  atomic.Int64
+	passiveUpAt atomic.Int64
+
+	// Connections godist closed, by closeReason (operate.go).
+	closed [closeReasons]atomic.Uint64
 
 	mu        sync.Mutex
 	passes    int       // consecutive passed active checks
@@ -132,7 +145,11 @@ func (st *upstreamState) clearFailures(now int64) (wasDown bool) {
 	st.failMu.Lock()
 	defer st.failMu.Unlock()
 	st.failTimes = st.failTimes[:0]
-	return st.downUntil.Swap(0) > now
+	wasDown = st.downUntil.Swap(0) > now
+	if wasDown {
+		st.passiveUpAt.Store(now)
+	}
+	return wasDown
 }
 
 // recordActiveCheck counts one active check and reports whether the
@@ -155,6 +172,7 @@ func (st *upstreamState) recordActiveCheck(stopped *atomic.Bool, passed bool, ri
 		if down && st.passes >= rise {
 			st.activeDown.Store(false)
 			st.since = now
+			st.activeUpAt.Store(now.UnixNano())
 			return true, true, true
 		}
 		return false, !down, true

@@ -34,10 +34,22 @@ const (
 	// Only usabilityIn says it: the dial path gets the same answer by
 	// going through the tiers in order.
 	standby
+	// drainedByOperator: an operator drained it (POST
+	// /godist/upstreams/state): its keys go to their next choice, and its
+	// open connections flow on.
+	drainedByOperator
+	// inMaintenance: an operator put it in maintenance.
+	inMaintenance
 )
 
 // downReasons is the part of the reasons that is about health, not room.
 const downReasons = downByActiveChecks | downByFailedDials
+
+// operatorReasons is the part that an operator set. Unlike health, which
+// can be wrong, an operator's word holds in every pass of the dial: an
+// upstream drained or in maintenance takes no new connection even when
+// every other upstream is down.
+const operatorReasons = drainedByOperator | inMaintenance
 
 // usability says whether handler h would offer a new connection to u at
 // *now (unix nanoseconds; if 0, the clock is read into it, only if it
@@ -53,6 +65,13 @@ func (h *Handler) usability(u *upstream, now *int64) unusable {
 	}
 	if u.full() {
 		why |= atMaxConnections
+	}
+	switch u.op {
+	case opDrain:
+		why |= drainedByOperator
+	case opMaint:
+		why |= inMaintenance
+	case opReady:
 	}
 	return why
 }
@@ -114,6 +133,12 @@ func (why unusable) describe(u *upstream, servingTier int) string {
 	}
 	if why&atMaxConnections != 0 {
 		parts = append(parts, fmt.Sprintf("at max_connections (%d)", u.maxConns))
+	}
+	if why&drainedByOperator != 0 {
+		parts = append(parts, "drained by an operator")
+	}
+	if why&inMaintenance != 0 {
+		parts = append(parts, "in maintenance, set by an operator")
 	}
 	if why&standby != 0 {
 		parts = append(parts, "standby: "+tierLabel(servingTier)+" serves")

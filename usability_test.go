@@ -9,6 +9,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/caddyserver/caddy/v2"
 )
 
 // views is what each part of godist says of one upstream: routing (where
@@ -123,6 +125,16 @@ func TestValidateStandsAlone(t *testing.T) {
 		{"active defaults", &Handler{Upstreams: ok, HealthChecks: &HealthChecks{Active: &ActiveHealthChecks{}}}, ""},
 		{"health port", &Handler{Upstreams: ok, HealthChecks: &HealthChecks{Active: &ActiveHealthChecks{Port: 70000}}}, "health_checks.active.port 70000: must be a port number, 1-65535"},
 		{"max fails", &Handler{Upstreams: ok, HealthChecks: &HealthChecks{Passive: &PassiveHealthChecks{MaxFails: -2}}}, "health_checks.passive.max_fails -2: must be at least 1"},
+		{"name", &Handler{Upstreams: ok, Name: "db primary"}, `name "db primary": ' ' at byte 2: only letters, digits, '-', '_' and '.' may be used`},
+		{"slow start", &Handler{Upstreams: ok, SlowStart: -1}, "slow_start -1ns: must not be negative"},
+		{"slow start too long", &Handler{Upstreams: ok, SlowStart: caddy.Duration(25 * time.Hour)}, "slow_start 25h0m0s: at most 24h0m0s"},
+		{"on_down word", &Handler{Upstreams: ok, OnDown: "shutdown"}, `on_down "shutdown": must be keep or close`},
+		{"on_down close without active checks", &Handler{Upstreams: ok, OnDown: "close"},
+			"on_down close: needs active health checks (health_checks.active, or a health_* option in the Caddyfile): only they mark an upstream down for it"},
+		{"on_down close", &Handler{Upstreams: ok, OnDown: "close", HealthChecks: &HealthChecks{Active: &ActiveHealthChecks{}}}, ""},
+		{"state poll interval", &Handler{Upstreams: ok, StatePollInterval: caddy.Duration(10 * time.Millisecond)},
+			"state_poll_interval 10ms: at least 100ms (each poll lists the handler's states in the storage)"},
+		{"operator options", &Handler{Upstreams: ok, Name: "db", SlowStart: caddy.Duration(time.Minute), StatePollInterval: caddy.Duration(time.Second)}, ""},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			err := tc.h.Validate()
@@ -133,7 +145,8 @@ func TestValidateStandsAlone(t *testing.T) {
 				t.Fatalf("got %v, want an error containing %q", err, tc.want)
 			}
 			// The plan endpoint asks the same question of an upstream list.
-			if len(tc.h.Upstreams) > 0 && tc.h.HashKey == "" && tc.h.ProxyProtocol == "" && tc.h.IdleTimeout == 0 && tc.h.HealthChecks == nil && tc.h.DynamicUpstreamsRaw == nil {
+			if len(tc.h.Upstreams) > 0 && tc.h.HashKey == "" && tc.h.ProxyProtocol == "" && tc.h.IdleTimeout == 0 && tc.h.HealthChecks == nil && tc.h.DynamicUpstreamsRaw == nil &&
+				tc.h.Name == "" && tc.h.SlowStart == 0 && tc.h.OnDown == "" && tc.h.StatePollInterval == 0 {
 				if perr := validateProposed(tc.h.Upstreams, nil); !errors.Is(perr, nil) != (err != nil) || (err != nil && perr.Error() != err.Error()) {
 					t.Fatalf("the plan endpoint says %v where Validate says %v", perr, err)
 				}

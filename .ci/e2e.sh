@@ -296,6 +296,12 @@ echo "--- stop"
 wait "$caddy_pid" || true
 caddy_pid=""
 
+echo "--- operator states: two instances sharing one storage folder"
+# shellcheck source=.ci/opstate-e2e.sh
+. .ci/opstate-e2e.sh
+trap 'opstate_cleanup; dnsmasq_stop "$dns"; cleanup' EXIT
+opstate_e2e "$caddy"
+
 echo "--- the status page in headless Chromium"
 # The same binary, three backends with one killed, the page behind
 # basic_auth; the screenshots stay for people to look at.

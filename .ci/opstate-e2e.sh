@@ -3,7 +3,8 @@
 # to one instance's admin API stops new connections to that upstream through
 # both within the poll interval (the time it took is measured and printed),
 # and survives a restart of both. Loopback only; fixed ports 2020-2021,
-# 8180-8181 and 4100-4102 (e2e.sh uses 2019, 8080-8082 and 4000-4002).
+# 8180-8181 and 4100-4102 (the rest of e2e.sh uses 2019, 8080-8084, 8091
+# and 4000-4003, and dnsmasq a port from 20000 up).
 #
 # Run it on its own with the Caddy to test:
 #
@@ -12,10 +13,9 @@
 # (without CADDY it builds one with xcaddy), or source it and call
 # opstate_e2e /path/to/caddy, as e2e.sh does with the binary it built.
 #
-# It needs what the lead's integration adds: the godist options `name` and
-# `state_poll_interval`, POST /godist/upstreams/state, and the operator
-# state of each upstream in GET /godist/upstreams (the record, with its
-# "state":"drain", as docs/operate.md shows it).
+# It reads the operator state of each upstream in GET /godist/upstreams
+# (its "operator" record, with "state":"drain", as docs/operate.md shows
+# it).
 
 # The processes it started and its folder, for opstate_cleanup.
 opstate_work="" opstate_backends_pid="" opstate_a_pid="" opstate_b_pid=""
@@ -45,7 +45,7 @@ opstate_fail() {
 }
 
 opstate_e2e() {
-	local caddy=$1 work i seen code t0 t1 propagated
+	local caddy=$1 work i seen code t0 t1 propagated key_port p
 	work=$(mktemp -d)
 	opstate_work=$work
 	local state="$work/state" # the storage both instances share
@@ -138,6 +138,14 @@ opstate_e2e() {
 			esac
 		done
 	}
+	# routes_around <instance>: whether its /godist/pick sends the key
+	# $key_port (a client 127.0.0.1:$key_port, whose first choice is the
+	# upstream drained) elsewhere: what routing does, read from the same
+	# membership the connections hash over
+	routes_around() {
+		curl -fsS -m 2 -o "$work/pick-$1.json" "http://${admin[$1]}/godist/pick?ip=127.0.0.1&port=$key_port" 2>/dev/null || return 1
+		grep -q '"upstream":"127.0.0.1:410[02]"' "$work/pick-$1.json"
+	}
 	# shows_drain <instance>: whether its /godist/upstreams holds the drain
 	shows_drain() {
 		curl -fsS -m 2 -o "$work/upstreams-$1.json" "http://${admin[$1]}/godist/upstreams" 2>/dev/null || return 1
@@ -158,6 +166,17 @@ opstate_e2e() {
 		[[ "$seen" == *4101* ]] || opstate_fail "instance $i: 30 connections before the drain and none reached 4101:$seen"
 	done
 
+	# a client address whose first choice is the upstream to drain
+	key_port=""
+	for p in $(seq 1000 1200); do
+		curl -fsS -m 2 -o "$work/pick.json" "http://${admin[a]}/godist/pick?ip=127.0.0.1&port=$p" || opstate_fail "GET /godist/pick"
+		if grep -q "\"upstream\":\"$drained\",\"rank\":1" "$work/pick.json"; then key_port=$p; break; fi
+	done
+	[ -n "$key_port" ] || opstate_fail "none of 201 client addresses prefers $drained"
+	for i in a b; do
+		! routes_around "$i" || opstate_fail "instance $i sends 127.0.0.1:$key_port elsewhere before the drain: $(cat "$work/pick-$i.json")"
+	done
+
 	echo "--- opstate: a bad request names its field"
 	code=$(curl -sS -m 5 -o "$work/bad.json" -w '%{http_code}' -X POST -H 'Content-Type: application/json' \
 		-d '{"handler": "fleet", "upstream": "'"$drained"'", "state": "drained"}' "http://${admin[a]}/godist/upstreams/state" || true)
@@ -174,15 +193,18 @@ opstate_e2e() {
 	[ -f "$state/godist/state/fleet/127.0.0.1%3A4101.json" ] || opstate_fail "no record in the storage folder: $(find "$state" -type f)"
 	shows_drain a || opstate_fail "instance a does not show the drain it took: $(cat "$work/upstreams-a.json")"
 
-	# instance b: when does it show the drain? Polled every 20ms, for at
-	# most five intervals
+	routes_around a || opstate_fail "instance a still sends 127.0.0.1:$key_port to the drained upstream: $(cat "$work/pick-a.json")"
+
+	# instance b: when does its routing send the key elsewhere? Polled
+	# every 20ms, for at most five intervals
 	propagated=""
 	for _ in $(seq 1 $(( 5 * interval_ms / 20 ))); do
-		if shows_drain b; then propagated=$(now_ms); break; fi
+		if routes_around b; then propagated=$(now_ms); break; fi
 		sleep 0.02
 	done
-	[ -n "$propagated" ] || opstate_fail "instance b did not show the drain within $(( 5 * interval_ms ))ms: $(cat "$work/upstreams-b.json")"
-	echo "the drain reached instance b $(( propagated - t0 ))ms after it was posted to instance a (the POST took $(( t1 - t0 ))ms; state_poll_interval ${interval_ms}ms)"
+	[ -n "$propagated" ] || opstate_fail "instance b still routes to the drained upstream $(( 5 * interval_ms ))ms after the drain: $(cat "$work/pick-b.json")"
+	shows_drain b || opstate_fail "instance b routes around the drained upstream but does not show the drain: $(cat "$work/upstreams-b.json")"
+	echo "the drain reached instance b's routing $(( propagated - t0 ))ms after it was posted to instance a (the POST took $(( t1 - t0 ))ms; state_poll_interval ${interval_ms}ms)"
 	for i in a b; do
 		backends_seen "$i" 30
 		[[ "$seen" != *4101* ]] || opstate_fail "instance $i sent a new connection to the drained 4101:$seen"

@@ -225,6 +225,26 @@ func TestStatusPageInBrowser(t *testing.T) {
 		}
 	})
 
+	t.Run("a drained upstream shown drained, with the operator's reason", func(t *testing.T) {
+		body := fmt.Sprintf(`{"upstream": %q, "state": "drain", "reason": "upgrade to 2.0"}`, dials[1])
+		if status, b := cy.admin(t, http.MethodPost, "/godist/upstreams/state", []byte(body)); status != http.StatusOK {
+			t.Fatalf("POST /godist/upstreams/state: %d %s", status, b)
+		}
+		row := fmt.Sprintf(`document.querySelector('tr[data-upstream=%q]')`, dials[1])
+		waitFor(t, bctx, row+`.dataset.state === 'drain'`, "the drained upstream shown as drain")
+		if got := eval[string](t, bctx, row+`.querySelector('.badge').className`); !strings.Contains(got, "drain") {
+			t.Errorf("the drained upstream's badge has classes %q, want drain's colour", got)
+		}
+		why := eval[string](t, bctx, row+`.querySelector('.why').textContent`)
+		if !strings.Contains(why, "drained by an operator: upgrade to 2.0") || !strings.Contains(why, " remain") {
+			t.Errorf("the drained upstream's state says %q", why)
+		}
+		if status, b := cy.admin(t, http.MethodPost, "/godist/upstreams/state", []byte(fmt.Sprintf(`{"upstream": %q, "state": "ready"}`, dials[1]))); status != http.StatusOK {
+			t.Fatalf("POST /godist/upstreams/state: %d %s", status, b)
+		}
+		waitFor(t, bctx, row+`.dataset.state === 'up'`, "the upstream back up once ready")
+	})
+
 	t.Run("the plan tool gives POST /godist/plan's moved share", func(t *testing.T) {
 		// Remove the killed upstream, add a new one of weight 2, and
 		// weigh the first 3.

@@ -101,7 +101,7 @@
 			'rejected_over_max_connections', 'rejected_over_descriptors', 'active_checks', 'fail_duration',
 			'max_fails', 'upstreams']),
 		upstream: new Set(['dial', 'weight', 'max_connections', 'health', 'active_connections', 'full', 'totals',
-			'usable', 'why', 'reason']),
+			'usable', 'why', 'reason', 'effective_weight', 'operator', 'slow_start']),
 		health: new Set(['status', 'down_by', 'since', 'down_until', 'recent_failures', 'last_failed_dial',
 			'last_check', 'last_check_error', 'why', 'reason']),
 		totals: new Set(['connections', 'dial_failures', 'failovers', 'sent_bytes', 'received_bytes']),
@@ -141,7 +141,11 @@
 		if (typeof u.usable === 'boolean') return u.usable;
 		return status(u) === 'up' && !u.full;
 	}
+	// status is the upstream's state: an operator's drain or maint first,
+	// then its health.
 	function status(u) {
+		const op = u.operator || {};
+		if (op.state === 'drain' || op.state === 'maint') return op.state;
 		const h = u.health || {};
 		return String(h.status || u.state || 'unknown');
 	}
@@ -151,6 +155,19 @@
 		const parts = [];
 		for (const o of [h, u]) {
 			for (const k of ['why', 'reason']) if (o[k] && typeof o[k] !== 'object') parts.push(String(o[k]));
+		}
+		const op = u.operator;
+		if (op && (op.state === 'drain' || op.state === 'maint')) {
+			let s = (op.state === 'drain' ? 'drained' : 'in maintenance') + ' by an operator';
+			if (op.reason) s += ': ' + op.reason;
+			parts.push(s);
+			if (typeof op.remaining_connections === 'number') {
+				parts.push(int(op.remaining_connections) + ' connection' + (op.remaining_connections === 1 ? '' : 's') + ' remain');
+			}
+			if (op.deadline) parts.push('the rest closed at ' + op.deadline);
+		}
+		if (u.slow_start && typeof u.slow_start.factor === 'number') {
+			parts.push('slow start: ' + pct(u.slow_start.factor, 0) + ' of its weight, all of it at ' + u.slow_start.until);
 		}
 		if (Array.isArray(h.down_by) && h.down_by.length) {
 			parts.push('down by ' + h.down_by.map(words).join(' and '));
@@ -170,17 +187,21 @@
 	function shares(ups) {
 		const tier = u => (typeof u.tier === 'number' ? u.tier : 0);
 		const weight = u => Math.max(1, Number(u.weight) || 1);
-		function among(pred) {
+		// what the picker weighs it by now: with an operator's factor, or
+		// during a slow start ramp
+		const weightNow = u => (Number(u.effective_weight) > 0 ? Number(u.effective_weight) : weight(u));
+		function among(pred, w) {
 			const set = ups.filter(pred);
 			if (!set.length) return null;
 			const low = Math.min(...set.map(tier));
-			const total = set.filter(u => tier(u) === low).reduce((s, u) => s + weight(u), 0);
-			return ups.map(u => (pred(u) && tier(u) === low ? weight(u) / total : 0));
+			const total = set.filter(u => tier(u) === low).reduce((s, u) => s + w(u), 0);
+			return ups.map(u => (pred(u) && tier(u) === low ? w(u) / total : 0));
 		}
-		const byWeight = among(() => true) || ups.map(() => 0);
-		let now = among(usable);
+		const byWeight = among(() => true, weight) || ups.map(() => 0);
+		let now = among(usable, weightNow);
 		const fallback = now === null;
-		if (fallback) now = among(u => !u.full) || ups.map(() => 0);
+		const held = u => u.operator && (u.operator.state === 'drain' || u.operator.state === 'maint');
+		if (fallback) now = among(u => !u.full && !held(u), weightNow) || ups.map(() => 0);
 		return { byWeight, now, fallback };
 	}
 
@@ -322,7 +343,12 @@
 		if (h.down_until) parts.push(heldFor(h.down_until));
 		if (parts.length) whyEl.append((whyEl.firstChild ? ' · ' : '') + parts.join('; '));
 
-		q(tr, '.u-weight').textContent = int(u.weight);
+		const wEl = q(tr, '.u-weight');
+		wEl.textContent = int(u.weight);
+		if (u.operator && typeof u.operator.weight === 'number') wEl.textContent += ' × ' + u.operator.weight;
+		if (typeof u.effective_weight === 'number' && Math.abs(u.effective_weight - u.weight) > 1e-9 && usable(u)) {
+			wEl.title = 'weighed ' + u.effective_weight.toFixed(2) + ' now';
+		}
 		const fill = q(tr, '.fill');
 		fill.style.width = (Math.max(0, Math.min(1, now)) * 100).toFixed(2) + '%';
 		fill.classList.add(colorOf(card, u.dial));
