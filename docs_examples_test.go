@@ -14,8 +14,8 @@ import (
 	"github.com/caddyserver/caddy/v2/caddyconfig"
 )
 
-// The examples of dynamic upstreams and tiers, in the README and in
-// docs/, are adapted and run: each Caddyfile must adapt to the JSON beside
+// The examples of dynamic upstreams and tiers, in docs/, are adapted and
+// run: each Caddyfile must adapt to the JSON beside
 // it, and each config, loaded into Caddy with its listener on a free
 // loopback port and its DNS sources asking testDNS (the examples' own
 // resolvers are not ours to ask), must hash over the upstreams its names
@@ -57,8 +57,7 @@ func (e exampleDNS) line(i, weight, tier int) string {
 	return fmt.Sprintf("%s %d %d", e.sb.backends[i].addr, weight, tier)
 }
 
-// TestDynamicAndTierExamples adapts and runs the examples of the README's
-// "Upstreams from DNS" and "Backup tiers" sections, of
+// TestDynamicAndTierExamples adapts and runs the examples of
 // docs/dynamic-upstreams.md and of docs/tiers.md.
 func TestDynamicAndTierExamples(t *testing.T) {
 	t.Setenv("NAMESPACE", "prod") // the Kubernetes A example's {env.NAMESPACE}
@@ -70,8 +69,6 @@ func TestDynamicAndTierExamples(t *testing.T) {
 		file, section string
 		want          []exampleExpect
 	}{
-		{"README.md", "## Upstreams from DNS", []exampleExpect{k8sSRV, consul}},
-		{"README.md", "## Backup tiers", []exampleExpect{primariesAndBackup}},
 		{"docs/dynamic-upstreams.md", "## Examples", []exampleExpect{
 			k8sSRV,
 			{members: []string{"127.0.0.2:5432 1 0", "127.0.0.3:5432 1 0"}},

@@ -34,54 +34,6 @@ func TestExamples(t *testing.T) {
 	}
 }
 
-// TestReadmeExample keeps the README's example honest: its Caddyfile is
-// examples/postgres.Caddyfile, and its JSON is what that adapts to.
-func TestReadmeExample(t *testing.T) {
-	readme, err := os.ReadFile("README.md")
-	if err != nil {
-		t.Fatal(err)
-	}
-	section := string(readme)
-	start := strings.Index(section, "\n## Example\n")
-	if start < 0 {
-		t.Fatal("README has no '## Example' section")
-	}
-	section = section[start:]
-	blocks := regexp.MustCompile("(?s)```(caddyfile|json)\n(.*?)```").FindAllStringSubmatch(section, 2)
-	if len(blocks) != 2 || blocks[0][1] != "caddyfile" || blocks[1][1] != "json" {
-		t.Fatal("the README's example should be a caddyfile block followed by a json block")
-	}
-	example, err := os.ReadFile("examples/postgres.Caddyfile")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if stripComments(string(example)) != blocks[0][2] {
-		t.Errorf("the README's example Caddyfile differs from examples/postgres.Caddyfile:\n%s", blocks[0][2])
-	}
-	assertJSONEqual(t, adaptCaddyfile(t, "examples/postgres.Caddyfile"), blocks[1][2])
-}
-
-// TestDocsDescriptors keeps docs/descriptors.md honest: its Caddyfile is
-// examples/descriptors.Caddyfile, and its JSON is what that adapts to.
-func TestDocsDescriptors(t *testing.T) {
-	doc, err := os.ReadFile("docs/descriptors.md")
-	if err != nil {
-		t.Fatal(err)
-	}
-	caddyfiles, jsons := fencedBlocks(string(doc), "caddyfile"), fencedBlocks(string(doc), "json")
-	if len(caddyfiles) != 1 || len(jsons) != 1 {
-		t.Fatalf("want one caddyfile and one json block in the page, found %d and %d", len(caddyfiles), len(jsons))
-	}
-	example, err := os.ReadFile("examples/descriptors.Caddyfile")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if stripComments(string(example)) != caddyfiles[0] {
-		t.Errorf("the page's Caddyfile differs from examples/descriptors.Caddyfile:\n%s", caddyfiles[0])
-	}
-	assertJSONEqual(t, adaptCaddyfile(t, "examples/descriptors.Caddyfile"), jsons[0])
-}
-
 func adaptCaddyfile(t *testing.T, file string) []byte {
 	t.Helper()
 	body, err := os.ReadFile(file)
@@ -119,22 +71,13 @@ func stripComments(s string) string {
 }
 
 // TestReadmeOptionReference keeps the README's option reference complete:
-// every JSON field of the handler's config is in it, and its syntax block
-// is the one in UnmarshalCaddyfile's doc comment.
+// every JSON field of the handler's config is in it.
 func TestReadmeOptionReference(t *testing.T) {
 	readme, err := os.ReadFile("README.md")
 	if err != nil {
 		t.Fatal(err)
 	}
-	section := string(readme)
-	start := strings.Index(section, "\n## Option reference\n")
-	if start < 0 {
-		t.Fatal("README has no '## Option reference' section")
-	}
-	section = section[start:]
-	if end := strings.Index(section[1:], "\n## "); end >= 0 {
-		section = section[:end+1]
-	}
+	ref := section(t, string(readme), "## Option reference")
 	fields := jsonFields(reflect.TypeFor[Handler](), "")
 	fields = append(fields, jsonFields(reflect.TypeFor[Upstream](), "upstreams[].")...)
 	fields = append(fields, jsonFields(reflect.TypeFor[ActiveHealthChecks](), "health_checks.active.")...)
@@ -143,11 +86,20 @@ func TestReadmeOptionReference(t *testing.T) {
 		if f == "health_checks" || f == "upstreams" {
 			continue // their fields are listed one by one
 		}
-		if !strings.Contains(section, "`"+f+"`") {
+		if !strings.Contains(ref, "`"+f+"`") {
 			t.Errorf("the README's option reference does not list JSON field %q", f)
 		}
 	}
+}
 
+// TestReadmeSyntax keeps the README's syntax block and UnmarshalCaddyfile's
+// doc comment in step: the README's "## Syntax" section holds the comment's
+// syntax block, exactly.
+func TestReadmeSyntax(t *testing.T) {
+	readme, err := os.ReadFile("README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
 	source, err := os.ReadFile("caddyfile.go")
 	if err != nil {
 		t.Fatal(err)
@@ -163,7 +115,7 @@ func TestReadmeOptionReference(t *testing.T) {
 		syntax = append(syntax, strings.TrimPrefix(strings.TrimPrefix(line, "//"), "\t"))
 	}
 	block := "```\n" + strings.Join(syntax, "\n") + "\n```"
-	if !strings.Contains(string(readme), block) {
+	if !strings.Contains(section(t, string(readme), "## Syntax"), block) {
 		t.Errorf("the README's syntax block differs from UnmarshalCaddyfile's; it should read:\n%s", block)
 	}
 }

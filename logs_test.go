@@ -88,10 +88,10 @@ func capturedLines(t *testing.T, name string) []logLine {
 	return out
 }
 
-// TestLogs checks that the handler logs what the README says, at the level
-// it says: the fingerprint at info when provisioned, one debug line per
-// connection with the decision behind it, health changes at info, and
-// failed dials at error, at most ten a second.
+// TestLogs checks that the handler logs what docs/metrics-and-logs.md
+// says, at the level it says: the fingerprint at info when provisioned,
+// one debug line per connection with the decision behind it, health
+// changes at info, and failed dials at error, at most ten a second.
 func TestLogs(t *testing.T) {
 	be := startBackend(t, "echo", "", echo)
 	// a dead upstream that 127.0.0.1 prefers, so that every connection
