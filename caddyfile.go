@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"math"
 	"strconv"
+	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
@@ -219,17 +220,14 @@ func (p *optionParser) check(err error) error {
 // durationArg reads one duration that must not be negative.
 func (p *optionParser) durationArg(dst *caddy.Duration) error {
 	name := p.d.Val()
-	if err := p.oneArg(); err != nil {
+	var dur caddy.Duration
+	if err := signedDurationArg(p, &dur); err != nil {
 		return err
 	}
-	dur, err := caddy.ParseDuration(p.d.Val())
-	if err != nil {
-		return p.d.Errf("%s: invalid duration %q: %v", name, p.d.Val(), err)
-	}
 	if dur < 0 {
-		return p.d.Errf("%s: %s: must not be negative", name, dur)
+		return p.d.Errf("%s: %s: must not be negative", name, time.Duration(dur))
 	}
-	*dst = caddy.Duration(dur)
+	*dst = dur
 	return nil
 }
 

@@ -5,7 +5,6 @@ package pipe
 
 import (
 	"sync"
-	"syscall"
 )
 
 // The ways of moving bytes other than from a plain stream socket (for
@@ -38,19 +37,10 @@ func (f *flow) copyDatagrams() error {
 	}
 }
 
-// datagramRead is the readiness callback of copyDatagrams.
+// datagramRead is the readiness callback of copyDatagrams: one whole
+// datagram into a buffer of the largest size UDP allows.
 func (c *socketCopy) datagramRead(fd uintptr) bool {
-	c.buf = datagramBuffers.Get().(*[]byte)
-	c.n, c.err = readFD(fd, *c.buf)
-	if c.err == syscall.EAGAIN {
-		datagramBuffers.Put(c.buf) // nothing to read: hold nothing while waiting
-		c.buf = nil
-		return false
-	}
-	if c.n < 0 {
-		c.n = 0
-	}
-	return true
+	return c.readPooled(&datagramBuffers, fd)
 }
 
 // copyWaitFirst copies from a ReadWaiter: it waits for bytes holding no

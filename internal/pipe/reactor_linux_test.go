@@ -124,6 +124,21 @@ func echoBackend(c *net.TCPConn) {
 	}()
 }
 
+// echoPipes starts n pipes to echo backends, each after one round trip of
+// first.
+func echoPipes(t *testing.T, n int, first string) []*piped {
+	t.Helper()
+	xs := make([]*piped, n)
+	for i := range xs {
+		xs[i] = startPipe(t, Options{})
+		echoBackend(xs[i].backend)
+		if err := roundTrip(xs[i], []byte(first)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return xs
+}
+
 // roundTrip sends payload from the app end and reads it back echoed.
 func roundTrip(x *piped, payload []byte) error {
 	errc := make(chan error, 1)
@@ -153,14 +168,7 @@ func TestIdleFlowsParkAndWake(t *testing.T) {
 	lease := Acquire(nil)
 	defer lease.Release()
 	const n = 20
-	xs := make([]*piped, n)
-	for i := range xs {
-		xs[i] = startPipe(t, Options{})
-		echoBackend(xs[i].backend)
-		if err := roundTrip(xs[i], []byte("hello")); err != nil {
-			t.Fatal(err)
-		}
-	}
+	xs := echoPipes(t, n, "hello")
 	waitParked(t, 2*n)
 	if s := ReadStats(); !s.ReactorRunning {
 		t.Fatalf("flows parked but no reactor runs: %+v", s)
@@ -265,14 +273,7 @@ func TestReactorCreateFails(t *testing.T) {
 	refusalsBefore := ReadStats().ParkRefusals
 
 	const n = 5
-	xs := make([]*piped, n)
-	for i := range xs {
-		xs[i] = startPipe(t, Options{})
-		echoBackend(xs[i].backend)
-		if err := roundTrip(xs[i], []byte("hi")); err != nil {
-			t.Fatal(err)
-		}
-	}
+	xs := echoPipes(t, n, "hi")
 	// Every flow asks once, is refused, and waits in Go's poller.
 	eventually(t, 5*time.Second, "every flow refused once", func() error {
 		if r := ReadStats().ParkRefusals - refusalsBefore; r != 2*n {
@@ -329,14 +330,7 @@ func TestArmFails(t *testing.T) {
 	})
 
 	const n = 6
-	xs := make([]*piped, n)
-	for i := range xs {
-		xs[i] = startPipe(t, Options{})
-		echoBackend(xs[i].backend)
-		if err := roundTrip(xs[i], []byte("hi")); err != nil {
-			t.Fatal(err)
-		}
-	}
+	xs := echoPipes(t, n, "hi")
 	waitParked(t, n) // every other flow
 	time.Sleep(200 * time.Millisecond)
 	if r := ReadStats().ParkRefusals - refusalsBefore; r != n {
@@ -537,14 +531,7 @@ func TestReactorLoopFails(t *testing.T) {
 	const retry = 300 * time.Millisecond
 	setRetry(t, retry)
 	const n = 5
-	xs := make([]*piped, n)
-	for i := range xs {
-		xs[i] = startPipe(t, Options{})
-		echoBackend(xs[i].backend)
-		if err := roundTrip(xs[i], []byte("hi")); err != nil {
-			t.Fatal(err)
-		}
-	}
+	xs := echoPipes(t, n, "hi")
 	waitParked(t, 2*n)
 	var failed atomic.Bool
 	inject(t, func(s *reactorSyscalls) {
@@ -613,14 +600,7 @@ func TestEngineReturnsToBaseline(t *testing.T) {
 	base := runtime.NumGoroutine()
 	lease := Acquire(nil)
 	const n = 100
-	xs := make([]*piped, n)
-	for i := range xs {
-		xs[i] = startPipe(t, Options{})
-		echoBackend(xs[i].backend)
-		if err := roundTrip(xs[i], []byte("burst")); err != nil {
-			t.Fatal(err)
-		}
-	}
+	xs := echoPipes(t, n, "burst")
 	for _, x := range xs {
 		x.app.Close()
 		x.backend.Close()

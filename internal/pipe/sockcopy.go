@@ -151,12 +151,23 @@ func (c *socketCopy) bufferChunk() (int, error) {
 
 // bufferRead is the readiness callback of the buffer mode.
 func (c *socketCopy) bufferRead(fd uintptr) bool {
-	c.buf = smallBuffers.Get().(*[]byte)
+	return c.readPooled(&smallBuffers, fd)
+}
+
+// readPooled reads the socket once into a buffer taken from pool, now
+// that it may be readable, and gives the buffer back at once if it was
+// not: nothing is held while the copy waits. It reports whether the wait
+// is over (bytes, an EOF or an error).
+func (c *socketCopy) readPooled(pool *sync.Pool, fd uintptr) bool {
+	c.buf = pool.Get().(*[]byte)
 	c.n, c.err = readFD(fd, *c.buf)
 	if c.err == syscall.EAGAIN {
-		smallBuffers.Put(c.buf) // nothing to read: hold nothing while waiting
+		pool.Put(c.buf)
 		c.buf = nil
 		return false
+	}
+	if c.n < 0 {
+		c.n = 0
 	}
 	return true
 }
