@@ -14,6 +14,7 @@ import (
 	"regexp"
 	"slices"
 	"strings"
+	"sync"
 	"time"
 )
 
@@ -132,25 +133,60 @@ func tail(path string, n int) string {
 	return strings.Join(lines, "\n")
 }
 
-// freePort returns a loopback address whose port was free a moment ago.
-func freePort() (string, error) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return "", err
+// handedOut holds every port freePort and freeUDPPort returned in this run.
+// A port is free only until something binds it, and the kernel may hand the
+// same one to two bind(":0") calls made a moment apart: two listeners of
+// one Caddy on one address then share it, and a test's connections land on
+// both routes at random (a failure seen once in a full run: TLS handshakes
+// reaching a sink, an upload reaching a source).
+var handedOut = struct {
+	sync.Mutex
+	ports map[string]bool
+}{ports: map[string]bool{}}
+
+// uniquePort asks pick for an address until it returns one not handed out
+// before in this run, at most 100 times.
+func uniquePort(pick func() (string, error)) (string, error) {
+	handedOut.Lock()
+	defer handedOut.Unlock()
+	for range 100 {
+		addr, err := pick()
+		if err != nil {
+			return "", err
+		}
+		_, port, _ := net.SplitHostPort(addr)
+		if !handedOut.ports[port] {
+			handedOut.ports[port] = true
+			return addr, nil
+		}
 	}
-	defer ln.Close()
-	return ln.Addr().String(), nil
+	return "", fmt.Errorf("no loopback port free that was not handed out before, after 100 tries")
+}
+
+// freePort returns a loopback address whose port was free a moment ago and
+// was not handed out before in this run.
+func freePort() (string, error) {
+	return uniquePort(func() (string, error) {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			return "", err
+		}
+		defer ln.Close()
+		return ln.Addr().String(), nil
+	})
 }
 
 // freeUDPPort returns a loopback UDP address whose port was free a moment
-// ago.
+// ago and was not handed out before in this run.
 func freeUDPPort() (string, error) {
-	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
-	if err != nil {
-		return "", err
-	}
-	defer pc.Close()
-	return pc.LocalAddr().String(), nil
+	return uniquePort(func() (string, error) {
+		pc, err := net.ListenPacket("udp", "127.0.0.1:0")
+		if err != nil {
+			return "", err
+		}
+		defer pc.Close()
+		return pc.LocalAddr().String(), nil
+	})
 }
 
 // frontPorts picks a listen address for each backend kind, and for the
