@@ -85,11 +85,12 @@ func tcpPair(t testing.TB) (dialed, accepted *net.TCPConn) {
 
 // piped is a running pipe and the two outer ends of its connections.
 type piped struct {
-	p                    *Pipe
-	ev                   *recorder
-	app, backend         *net.TCPConn
-	clientSide, upstream *net.TCPConn
-	done                 chan struct{}
+	p            *Pipe
+	ev           *recorder
+	app, backend *net.TCPConn
+	clientSide   net.Conn // a *net.TCPConn, or a socket on a chosen descriptor
+	upstream     *net.TCPConn
+	done         chan struct{}
 }
 
 // startPipe runs a pipe between two fresh loopback connections. The test
@@ -97,6 +98,13 @@ type piped struct {
 func startPipe(t testing.TB, opts Options) *piped {
 	t.Helper()
 	app, clientSide := tcpPair(t)
+	return startPipeOn(t, opts, app, clientSide)
+}
+
+// startPipeOn is startPipe with the client's connection given: app is the
+// client, clientSide the socket the pipe reads it from.
+func startPipeOn(t testing.TB, opts Options, app *net.TCPConn, clientSide net.Conn) *piped {
+	t.Helper()
 	upstream, backend := tcpPair(t)
 	x := &piped{p: new(Pipe), ev: new(recorder), app: app, backend: backend,
 		clientSide: clientSide, upstream: upstream, done: make(chan struct{})}

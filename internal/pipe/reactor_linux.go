@@ -28,9 +28,10 @@ import (
 //   - The table of parked flows, the epoll set and a flow's passage to
 //     flowParked change together, under mu (arm). A wake-up looks the id up
 //     under mu, so it sees a registration either whole or not at all.
-//   - Ids are never reused. A wake-up whose id is not in the table (the
-//     flow was ended by an abort, or the event is left over from a closed
-//     socket) is dropped.
+//   - Ids are never reused, and never a descriptor number: they start at
+//     firstID, above every descriptor. A wake-up whose id is not in the
+//     table (the flow was ended by an abort, or the event is left over
+//     from a closed socket) is dropped.
 //   - The reactor runs while it is needed: from the first arm after it was
 //     stopped, until nothing holds the engine (Acquire) and no flow is
 //     parked. Stopping closes the epoll instance, which ends its loop.
@@ -61,6 +62,12 @@ var realSyscalls = reactorSyscalls{
 
 var sys atomic.Pointer[reactorSyscalls]
 
+// firstID is the first registration's id: 2^32, above every descriptor
+// number (an int32), so that no id is ever a descriptor's number.
+// Registrations were once keyed by descriptor; an event carrying a bare
+// descriptor number can never reach a flow.
+const firstID = 1 << 32
+
 func init() { sys.Store(&realSyscalls) }
 
 type reactor struct {
@@ -68,7 +75,7 @@ type reactor struct {
 	users   int              // holders of the engine (Acquire)
 	inst    *epollInstance   // nil while stopped
 	epochs  uint64           // instances made so far; an instance's epoch is its number
-	ids     uint64           // registrations made so far; a registration's id is its number
+	ids     uint64           // registrations made so far; a registration's id is firstID + its number
 	parked  map[uint64]*flow // parked flows by registration id
 	downAt  time.Time        // when creating an instance last failed
 	downErr error            // and why, until an instance is made again
@@ -106,7 +113,7 @@ func (r *reactor) arm(f *flow) error {
 	}
 	in := r.inst
 	r.ids++
-	id := r.ids
+	id := firstID + r.ids
 	ev := syscall.EpollEvent{Events: syscall.EPOLLIN | syscall.EPOLLRDHUP | syscall.EPOLLONESHOT}
 	setEventID(&ev, id)
 	var err error

@@ -208,7 +208,7 @@ func TestParkedFlowHoldsNothing(t *testing.T) {
 	for i := range xs {
 		xs[i] = startPipe(t, Options{})
 		_ = xs[i].app.SetReadBuffer(16 << 10)
-		_ = xs[i].clientSide.SetWriteBuffer(16 << 10)
+		_ = xs[i].clientSide.(*net.TCPConn).SetWriteBuffer(16 << 10)
 	}
 	var wg sync.WaitGroup
 	for i, x := range xs {
@@ -440,21 +440,20 @@ func TestReusedDescriptor(t *testing.T) {
 	if x.ended() {
 		t.Fatal("the pipe ended while a flow was still parking: its socket could be closed and reused under it")
 	}
+	// The next connection, made while the old socket is open, so that it
+	// cannot take the old descriptor itself.
+	app, accepted := tcpPair(t)
 	close(hold)
 	x.wait(t, 5*time.Second)
 	testHookParking.Store(nil)
 
-	// The old socket is closed; the next connection's accepted socket
-	// usually gets its descriptor.
-	var y *piped
-	for range 10 {
-		y = startPipe(t, Options{})
-		if socketFD(rawConn(y.clientSide)) == oldFD {
-			break
-		}
-	}
-	if socketFD(rawConn(y.clientSide)) != oldFD {
-		t.Skipf("no new socket got descriptor %d again", oldFD)
+	// The old socket is closed. The next connection's socket goes on its
+	// descriptor: the kernel would hand it the lowest free one, often
+	// this, but the test's own listeners and dials take descriptors too,
+	// so the test puts it there itself.
+	y := startPipeOn(t, Options{}, app, onDescriptor(t, accepted, oldFD))
+	if fd := socketFD(rawConn(y.clientSide)); fd != oldFD {
+		t.Fatalf("the new connection's socket is on descriptor %d, not the old %d", fd, oldFD)
 	}
 	echoBackend(y.backend)
 	if err := roundTrip(y, []byte("first")); err != nil {
@@ -475,6 +474,43 @@ func TestReusedDescriptor(t *testing.T) {
 	}
 }
 
+// onDescriptor moves c's socket to descriptor fd, which must be free, and
+// returns it as the engine's own socket type (DetachSocket's), which keeps
+// its descriptor: net.FileConn would duplicate it onto another.
+func onDescriptor(t *testing.T, c *net.TCPConn, fd int) net.Conn {
+	t.Helper()
+	rc, err := c.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, dupErr := -1, error(nil)
+	if err := rc.Control(func(from uintptr) {
+		r, _, errno := syscall.Syscall(syscall.SYS_FCNTL, from, syscall.F_DUPFD_CLOEXEC, uintptr(fd))
+		got = int(r)
+		if errno != 0 {
+			dupErr = errno
+		}
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if dupErr != nil {
+		t.Fatalf("fcntl F_DUPFD_CLOEXEC: %v", dupErr)
+	}
+	if got != fd {
+		syscall.Close(got)
+		t.Fatalf("descriptor %d is not free: the duplicate went to %d", fd, got)
+	}
+	laddr, raddr := c.LocalAddr(), c.RemoteAddr()
+	c.Close()
+	f := os.NewFile(uintptr(got), "tcp socket")
+	frc, err := f.SyscallConn()
+	if err != nil {
+		f.Close()
+		t.Fatal(err)
+	}
+	return &socketConn{f: f, rc: frc, laddr: laddr, raddr: raddr}
+}
+
 // TestStaleEventsDropped delivers real wake-ups for a registration that
 // is in no table, as a leftover registration of a closed socket would
 // deliver them, with the low half of its id equal to a parked flow's
@@ -491,16 +527,26 @@ func TestStaleEventsDropped(t *testing.T) {
 	}
 	waitParked(t, 2)
 
-	// A socket of the test's own, registered directly under a stale id.
+	// A socket of the test's own, registered directly under a stale id:
+	// the descriptor number of a parked flow's socket, what a table keyed
+	// by descriptor would find that flow under.
 	a, b := tcpPair(t)
 	defer a.Close()
 	defer b.Close()
 	theReactor.mu.Lock()
 	in := theReactor.inst
-	stale := uint64(1)<<40 | uint64(socketFD(rawConn(x.clientSide))) // never handed out
-	if _, taken := theReactor.parked[stale]; taken || in == nil {
+	stale := uint64(socketFD(rawConn(x.clientSide)))
+	if in == nil {
 		theReactor.mu.Unlock()
-		t.Fatal("no reactor, or the stale id is taken")
+		t.Fatal("no reactor")
+	}
+	if f, taken := theReactor.parked[stale]; taken {
+		theReactor.mu.Unlock()
+		t.Fatalf("a parked flow (%s) is registered under its socket's descriptor number, %d", f.dir, stale)
+	}
+	var parked []*flow
+	for _, f := range theReactor.parked {
+		parked = append(parked, f)
 	}
 	ev := syscall.EpollEvent{Events: syscall.EPOLLIN}
 	setEventID(&ev, stale)
@@ -513,7 +559,15 @@ func TestStaleEventsDropped(t *testing.T) {
 	if _, err := b.Write([]byte("stale")); err != nil { // level-triggered: it fires on every wait
 		t.Fatal(err)
 	}
-	time.Sleep(100 * time.Millisecond)
+	// A flow a stale wake-up reached would run, find nothing to read and
+	// park again some 25 ms later: watch that none leaves flowParked.
+	for deadline := time.Now().Add(100 * time.Millisecond); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
+		for _, f := range parked {
+			if st := f.state.Load(); st != flowParked {
+				t.Fatalf("the %s flow left flowParked (state %d) after stale wake-ups", f.dir, st)
+			}
+		}
+	}
 	if p := ReadStats().Parked; p != 2 {
 		t.Fatalf("%d flows parked after stale wake-ups, want 2", p)
 	}
