@@ -182,8 +182,8 @@ func (h *Handler) connectionEnded(s *session) {
 
 // dial connects to u for a connection that arrived on a listener of
 // network listenerNet. An upstream at an IP address is dialled over TCP by
-// the engine's own non-blocking connect (pipe.DialTCP): no resolver, no
-// context, two system calls fewer than net.Dialer. Anything else (a host
+// the engine's own non-blocking connect (pipe.DialTCP): no resolver and
+// no context per dial, as net.Dialer has. Anything else (a host
 // name, UDP, a unix socket) goes through net.Dialer.
 func (h *Handler) dial(u *upstream, listenerNet string) (net.Conn, error) {
 	network := u.dialNetwork(listenerNet)

@@ -192,6 +192,12 @@ func waitConnected(f *os.File, rc syscall.RawConn, timeout time.Duration) error 
 		case gerr != nil:
 			soErr = os.NewSyscallError("getsockopt", gerr)
 		case v == 0:
+			// No error yet is not connected yet: the first call comes
+			// before any wait, while the connect may still be under way.
+			// Connected means it has a peer, as net's own connect checks.
+			if _, perr := syscall.Getpeername(int(fd)); perr == syscall.ENOTCONN {
+				return false // not yet: wait on
+			}
 			soErr = nil
 		default:
 			errno := syscall.Errno(v)

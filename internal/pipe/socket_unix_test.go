@@ -80,4 +80,40 @@ func TestDialTCP(t *testing.T) {
 			t.Fatalf("dialling a closed port: %v", err)
 		}
 	})
+
+	// A listener whose accept queue is full drops new SYNs: the connect
+	// stays under way until the timeout. A dial must not report it
+	// connected at once (the first look comes before any wait).
+	t.Run("timeout", func(t *testing.T) {
+		fd, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer syscall.Close(fd)
+		if err := syscall.Bind(fd, &syscall.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}); err != nil {
+			t.Fatal(err)
+		}
+		if err := syscall.Listen(fd, 0); err != nil { // a queue of one
+			t.Fatal(err)
+		}
+		sa, err := syscall.Getsockname(fd)
+		if err != nil {
+			t.Fatal(err)
+		}
+		full := netip.AddrPortFrom(netip.AddrFrom4([4]byte{127, 0, 0, 1}), uint16(sa.(*syscall.SockaddrInet4).Port))
+		for range 2 { // fill the queue; the second may hang until its timeout
+			if c, err := net.DialTimeout("tcp", full.String(), 200*time.Millisecond); err == nil {
+				defer c.Close()
+			}
+		}
+		c, err := DialTCP(full, 300*time.Millisecond)
+		if err == nil {
+			c.Close()
+			t.Fatal("dialling a listener whose queue is full: connected at once; want a timeout")
+		}
+		var ne net.Error
+		if !errors.As(err, &ne) || !ne.Timeout() || !strings.Contains(err.Error(), "dial tcp "+full.String()+": i/o timeout") {
+			t.Fatalf("dialling a listener whose queue is full: %v; want a dial timeout", err)
+		}
+	})
 }
