@@ -63,7 +63,8 @@ type session struct {
 	// bytes caddy-l4 read from the client while matching routes.
 	prefetched int64
 
-	// Written by the engine's FlowEnded, read after Run returns.
+	// Written by the engine's FlowEnded, read by finish once the pipe's
+	// last direction has ended.
 	toUpstream, toClient int64
 	upErr, downErr       error
 	firstEOF             atomic.Uint32 // the side whose EOF came first
@@ -257,11 +258,7 @@ func innermost(c net.Conn) net.Conn {
 
 // isStream reports whether c carries a byte stream rather than datagrams.
 func isStream(c net.Conn) bool {
-	switch innermost(c).LocalAddr().Network() {
-	case "udp", "udp4", "udp6", "unixgram", "ip", "ip4", "ip6":
-		return false
-	}
-	return true
+	return pipe.IsStream(innermost(c))
 }
 
 // packetWaiter is a UDP client of caddy-l4 (its per-client packet

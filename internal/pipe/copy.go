@@ -55,7 +55,7 @@ func (f *flow) copyWaitFirst() error {
 		}
 		buf := pool.Get().(*[]byte)
 		n, err := f.src.Read(*buf)
-		if n > 0 || (err == nil && !isStream(f.src)) {
+		if n > 0 || (err == nil && !IsStream(f.src)) {
 			if _, werr := f.dst.Write((*buf)[:n]); werr != nil {
 				pool.Put(buf)
 				return werr
@@ -93,7 +93,7 @@ func (f *flow) copyBuffered() error {
 // bufferPool returns the pool of buffers that suit the flow's source: one
 // whole datagram of the largest size UDP allows, or a 32 KiB stream chunk.
 func (f *flow) bufferPool() *sync.Pool {
-	if isStream(f.src) && isStream(f.dst) {
+	if IsStream(f.src) && IsStream(f.dst) {
 		return &streamBuffers
 	}
 	return &datagramBuffers

@@ -123,14 +123,14 @@ const (
 
 func (f *flow) init(p *Pipe, dir Direction, src, dst net.Conn) {
 	f.p, f.dir, f.src, f.dst, f.fd = p, dir, src, dst, -1
-	stream := isStream(src) && isStream(dst)
+	stream := IsStream(src) && IsStream(dst)
 	_, waits := src.(ReadWaiter)
 	switch raw := rawConn(src); {
 	case raw != nil && stream:
 		f.kind = copySocket
 		f.socket.init(dst, rawConn(dst), raw)
 		f.parkable = reactorSupported
-	case raw != nil && !isStream(src):
+	case raw != nil && !IsStream(src):
 		f.kind = copyDatagrams
 		f.socket.init(dst, nil, raw)
 	case waits:

@@ -221,7 +221,7 @@ func (p *Pipe) Abort(cause error) {
 // to the socket that all clients share.
 func (p *Pipe) wake(e End, t time.Time) {
 	_ = e.Conn.SetReadDeadline(t)
-	if w := e.writer(); isStream(w) {
+	if w := e.writer(); IsStream(w) {
 		_ = w.SetWriteDeadline(t)
 	}
 }
@@ -256,7 +256,7 @@ func (p *Pipe) flowEnded(f *flow, err error) {
 		// be closed, which sends this FIN anyway.
 		return
 	}
-	if cw, ok := f.dst.(closeWriter); ok && isStream(f.dst) && cw.CloseWrite() == nil {
+	if cw, ok := f.dst.(closeWriter); ok && IsStream(f.dst) && cw.CloseWrite() == nil {
 		return
 	}
 	// A datagram flow, or a connection that cannot half-close: nothing more
@@ -300,8 +300,10 @@ func (p *Pipe) copyErr(err error) error {
 	return err
 }
 
-// isStream reports whether c carries a byte stream rather than datagrams.
-func isStream(c net.Conn) bool {
+// IsStream reports whether c carries a byte stream rather than datagrams.
+// It asks the kernel nothing for the engine's own sockets (DialTCP's,
+// DetachSocket's), whose LocalAddr would.
+func IsStream(c net.Conn) bool {
 	if _, ok := c.(*socketConn); ok {
 		return true // the engine's own sockets are TCP
 	}
