@@ -586,17 +586,7 @@ func (r *runner) idle(ctx context.Context, p *peer, d dest, n int, settle time.D
 		return s, fmt.Errorf("opening %d connections took over a minute", n) // the conns leak into the next test: give up
 	}
 	s.Seconds = time.Since(t0).Seconds()
-	defer func() {
-		closeAll(conns)
-		r.bs.drain(10 * time.Second)
-		// wait for the proxy to close its side too
-		for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); {
-			if _, fds, err := treeMemory(pid); err != nil || fds <= s.FDsBase+16 {
-				break
-			}
-			time.Sleep(20 * time.Millisecond)
-		}
-	}()
+	defer r.closeIdle(conns, pid, s.FDsBase)
 	if errs.n.Load() > 0 {
 		s.Errors, s.Error = errs.n.Load(), errs.first
 		return s, fmt.Errorf("opening idle connections: %s", errs.first)

@@ -30,6 +30,32 @@ func cpuPerGB(s sample) (float64, bool) {
 	return s.ProxyCPU / (float64(s.Bytes) / 1e9), s.Bytes > 0 && s.ProxyCPU >= 0
 }
 
+// connsPerSec is a connection test's rate.
+func connsPerSec(s sample) (float64, bool) {
+	return float64(s.Conns) / s.Seconds, s.Seconds > 0 && s.Conns > 0
+}
+
+// cpuPerConn is the proxy's CPU µs per connection of a connection test.
+func cpuPerConn(s sample) (float64, bool) {
+	return s.ProxyCPU / float64(s.Conns) * 1e6, s.Conns > 0
+}
+
+// seconds is how long a test took.
+func seconds(s sample) (float64, bool) { return s.Seconds, s.Seconds > 0 }
+
+// perIdle divides what the proxy's RSS or descriptors grew by over the
+// connections or flows the sample held.
+func perIdle(grew func(s sample) (int64, bool)) func(s sample) (float64, bool) {
+	return func(s sample) (float64, bool) {
+		n := s.IdleConns + s.Flows
+		d, ok := grew(s)
+		return float64(d) / float64(n), ok && n > 0
+	}
+}
+
+func rssGrew(s sample) (int64, bool) { return s.RSS - s.RSSBase, s.RSS > 0 }
+func fdsGrew(s sample) (int64, bool) { return int64(s.FDs - s.FDsBase), s.FDs > 0 }
+
 var metrics = []metric{
 	{"up1", "up1", mbps, false},
 	{"up8", "up8", mbps, false},
@@ -39,12 +65,8 @@ var metrics = []metric{
 	{"cpu_up8", "up8", cpuPerGB, true},
 	{"cpu_down1", "down1", cpuPerGB, true},
 	{"cpu_down8", "down8", cpuPerGB, true},
-	{"conns", "connrate", func(s sample) (float64, bool) {
-		return float64(s.Conns) / s.Seconds, s.Seconds > 0 && s.Conns > 0
-	}, false},
-	{"cpu_conn", "connrate", func(s sample) (float64, bool) {
-		return s.ProxyCPU / float64(s.Conns) * 1e6, s.Conns > 0
-	}, true},
+	{"conns", "connrate", connsPerSec, false},
+	{"cpu_conn", "connrate", cpuPerConn, true},
 	{"p50", "pingpong", func(s sample) (float64, bool) { return s.P50us, s.RoundTrips > 0 }, false},
 	{"p99", "pingpong", func(s sample) (float64, bool) { return s.P99us, s.RoundTrips > 0 }, false},
 	{"rt", "pingpong", func(s sample) (float64, bool) {
@@ -53,12 +75,8 @@ var metrics = []metric{
 	{"cpu_rt", "pingpong", func(s sample) (float64, bool) {
 		return s.ProxyCPU / float64(s.RoundTrips) * 1e6, s.RoundTrips > 0
 	}, true},
-	{"rss_idle", idleTest, func(s sample) (float64, bool) {
-		return float64(s.RSS-s.RSSBase) / float64(s.IdleConns), s.IdleConns > 0 && s.RSS > 0
-	}, true},
-	{"fds_idle", idleTest, func(s sample) (float64, bool) {
-		return float64(s.FDs-s.FDsBase) / float64(s.IdleConns), s.IdleConns > 0 && s.FDs > 0
-	}, true},
+	{"rss_idle", idleTest, perIdle(rssGrew), true},
+	{"fds_idle", idleTest, perIdle(fdsGrew), true},
 	// Not in the tables: how busy the two cores were, to tell which one
 	// limited a test and whether something else ran on the proxy's core.
 	{"proxy_core_up8", "up8", proxyCores, true},

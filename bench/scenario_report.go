@@ -15,19 +15,6 @@ import (
 // passthrough route chosen by SNI, descriptors after slow readers, idle
 // UDP flows. Nothing here measures or starts anything.
 
-// perIdle divides what the proxy's RSS or descriptors grew by over the
-// connections or flows the sample held.
-func perIdle(grew func(s sample) (int64, bool)) func(s sample) (float64, bool) {
-	return func(s sample) (float64, bool) {
-		n := s.IdleConns + s.Flows
-		d, ok := grew(s)
-		return float64(d) / float64(n), ok && n > 0
-	}
-}
-
-func rssGrew(s sample) (int64, bool) { return s.RSS - s.RSSBase, s.RSS > 0 }
-func fdsGrew(s sample) (int64, bool) { return int64(s.FDs - s.FDsBase), s.FDs > 0 }
-
 // goGrew is what one of Go's figures grew by; only a Go proxy has them.
 func goGrew(f func(g *goStats) int64) func(s sample) (int64, bool) {
 	return func(s sample) (int64, bool) {
@@ -50,12 +37,8 @@ var scenarioMetrics = []metric{
 	{"sni_down", "sni-down", mbps, false},
 	{"cpu_sni_up", "sni-up", cpuPerGB, true},
 	{"cpu_sni_down", "sni-down", cpuPerGB, true},
-	{"sni_conns", "sni-connrate", func(s sample) (float64, bool) {
-		return float64(s.Conns) / s.Seconds, s.Seconds > 0 && s.Conns > 0
-	}, false},
-	{"cpu_sni_conn", "sni-connrate", func(s sample) (float64, bool) {
-		return s.ProxyCPU / float64(s.Conns) * 1e6, s.Conns > 0
-	}, true},
+	{"sni_conns", "sni-connrate", connsPerSec, false},
+	{"cpu_sni_conn", "sni-connrate", cpuPerConn, true},
 	{"proxy_core_sni_conns", "sni-connrate", proxyCores, true},
 	{"load_core_sni_conns", "sni-connrate", loadCores, false},
 	{"rss_tls_idle", tlsIdleTest, perIdle(rssGrew), true},
@@ -68,8 +51,8 @@ var scenarioMetrics = []metric{
 	{"extra_fds_sni_slow", sniSlowTest, extraFDs, true},
 	{"rss_slow", slowTest, perIdle(rssGrew), true},
 	{"rss_sni_slow", sniSlowTest, perIdle(rssGrew), true},
-	{"secs_slow", slowTest, func(s sample) (float64, bool) { return s.Seconds, s.Seconds > 0 }, true},
-	{"secs_sni_slow", sniSlowTest, func(s sample) (float64, bool) { return s.Seconds, s.Seconds > 0 }, true},
+	{"secs_slow", slowTest, seconds, true},
+	{"secs_sni_slow", sniSlowTest, seconds, true},
 	{"udp_heap", udpTest, perIdle(goGrew(func(g *goStats) int64 { return g.HeapAlloc })), true},
 	{"udp_stack", udpTest, perIdle(goGrew(func(g *goStats) int64 { return g.StackInuse })), true},
 	{"udp_goroutines", udpTest, perIdle(goGrew(func(g *goStats) int64 { return int64(g.Goroutines) })), true},

@@ -509,14 +509,6 @@ func truncate(s string, n int) string {
 	return s[:n] + "…"
 }
 
-func tailString(s string, n int) string {
-	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
-	if len(lines) > n {
-		lines = lines[len(lines)-n:]
-	}
-	return strings.Join(lines, "\n")
-}
-
 // skewProxies are the configurations the run measures, in the table's
 // order: godist's with -peers godist, HAProxy's with -peers haproxy or
 // haproxy-splice (the scenario does not splice).
