@@ -92,13 +92,21 @@ const (
 // plan.
 var planSlots = make(chan struct{}, maxConcurrentPlans)
 
+// The endpoints the status page serves too (statusAPIs), each with its
+// method and query checks, written once for both.
+var (
+	upstreamsEndpoint = adminEndpoint(http.MethodGet, []string{"handler"}, serveUpstreams)
+	pickEndpoint      = adminEndpoint(http.MethodGet, []string{"handler", "key", "ip", "port"}, servePick)
+	planEndpoint      = adminEndpoint(http.MethodPost, []string{"handler"}, servePlan)
+)
+
 // Routes returns the godist endpoints.
 func (adminAPI) Routes() []caddy.AdminRoute {
 	return []caddy.AdminRoute{
-		{Pattern: "/godist/upstreams", Handler: adminEndpoint(http.MethodGet, []string{"handler"}, serveUpstreams)},
-		{Pattern: "/godist/pick", Handler: adminEndpoint(http.MethodGet, []string{"handler", "key", "ip", "port"}, servePick)},
+		{Pattern: "/godist/upstreams", Handler: upstreamsEndpoint},
+		{Pattern: "/godist/pick", Handler: pickEndpoint},
 		{Pattern: "/godist/fingerprint", Handler: adminEndpoint(http.MethodGet, []string{"handler"}, serveFingerprint)},
-		{Pattern: "/godist/plan", Handler: adminEndpoint(http.MethodPost, []string{"handler"}, servePlan)},
+		{Pattern: "/godist/plan", Handler: planEndpoint},
 		{Pattern: "/godist/upstreams/state", Handler: adminEndpoint(http.MethodPost, nil, serveOpState)},
 		{Pattern: "/godist/", Handler: caddy.AdminHandlerFunc(serveUnknown)},
 	}

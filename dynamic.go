@@ -430,26 +430,25 @@ func (mu *MultiUpstreams) watchRounds(ctx context.Context, update func([]Discove
 		return
 	}
 	var (
-		mtx       sync.Mutex
-		sets      = make([][]DiscoveredUpstream, len(mu.sources)) // each source's last good set
-		tried     = make([]bool, len(mu.sources))                 // whether each source has finished its first lookup
-		pending   = len(mu.sources)                               // sources whose first lookup has not ended
-		ready     bool                                            // the first union may go out
-		last      []DiscoveredUpstream                            // the union delivered last
-		delivered bool                                            // whether a non-empty union went out since the last empty one
+		mtx     sync.Mutex
+		sets    = make([][]DiscoveredUpstream, len(mu.sources)) // each source's last good set
+		tried   = make([]bool, len(mu.sources))                 // whether each source has finished its first lookup
+		pending = len(mu.sources)                               // sources whose first lookup has not ended
+		ready   bool                                            // the first union may go out
+		last    []DiscoveredUpstream                            // the union delivered last
 	)
 	deliver := func() {
 		if ctx.Err() != nil {
 			return
 		}
 		union := unionOf(sets)
-		if len(union) == 0 && !delivered {
+		if len(union) == 0 && len(last) == 0 {
 			return // an empty union only withdraws a set delivered before
 		}
 		if slices.Equal(union, last) {
 			return
 		}
-		last, delivered = union, len(union) > 0
+		last = union
 		update(slices.Clone(union))
 	}
 	markReady := func() {

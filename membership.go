@@ -5,8 +5,6 @@ package godist
 
 import (
 	"cmp"
-	"crypto/sha256"
-	"encoding/hex"
 	"fmt"
 	"slices"
 	"strconv"
@@ -114,8 +112,7 @@ func newWeightedMembership(hashKey string, pool []*upstream, weights []float64, 
 		t.picker = NewPicker(ups)
 	}
 	m.digested = fingerprintText(hashKey, m.upstreamList())
-	sum := sha256.Sum256([]byte(m.digested))
-	m.fingerprint = hex.EncodeToString(sum[:])[:16]
+	m.fingerprint = digest16(m.digested)
 	return m
 }
 

@@ -261,15 +261,7 @@ func (h *Handler) rampSince(u *upstream, snap *opSnapshot) time.Time {
 // sameRouting reports whether b routes every key exactly as a does: the
 // same upstreams, operator states and effective weights.
 func sameRouting(a, b *membership) bool {
-	if !slices.Equal(a.pool, b.pool) || len(a.weights) != len(b.weights) {
-		return false
-	}
-	for i := range a.weights {
-		if a.weights[i] != b.weights[i] {
-			return false
-		}
-	}
-	return slices.Equal(a.ramps, b.ramps)
+	return slices.Equal(a.pool, b.pool) && slices.Equal(a.weights, b.weights) && slices.Equal(a.ramps, b.ramps)
 }
 
 // refresh applies the operator states in force and the ramps as of now to

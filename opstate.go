@@ -408,8 +408,7 @@ func opDigest(records map[string]opRecord) string {
 		lines = append(lines, strconv.Quote(dial)+" "+r.State.String()+" "+strconv.FormatFloat(r.weightFactor(), 'g', -1, 64))
 	}
 	slices.Sort(lines)
-	sum := sha256.Sum256([]byte(strings.Join(lines, "\n") + "\n"))
-	return hex.EncodeToString(sum[:])[:16]
+	return digest16(strings.Join(lines, "\n") + "\n")
 }
 
 // opChange is an upstream's state before and after a change.

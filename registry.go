@@ -130,7 +130,13 @@ func (l *sessionList) snapshot() []liveSession {
 // It is the first 16 hex digits of the SHA-256 of fingerprintText, which
 // the admin API shows so that anyone can recompute it.
 func fingerprint(hashKey string, upstreams []*Upstream) string {
-	sum := sha256.Sum256([]byte(fingerprintText(hashKey, upstreams)))
+	return digest16(fingerprintText(hashKey, upstreams))
+}
+
+// digest16 is the first 16 hex digits of the SHA-256 of text: the
+// fingerprints' and the operator states' digests.
+func digest16(text string) string {
+	sum := sha256.Sum256([]byte(text))
 	return hex.EncodeToString(sum[:])[:16]
 }
 

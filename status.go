@@ -87,9 +87,10 @@ func loadStatusAssets(names ...string) map[string]statusAsset {
 			panic("godist status page: embedded file missing: " + err.Error())
 		}
 		sum := sha256.Sum256(b)
-		ct := mime.TypeByExtension(path.Ext(name))
+		// Named here, not looked up: the system's MIME table may lack
+		// these or name no charset.
+		var ct string
 		switch path.Ext(name) {
-		// the system's MIME table may lack these or name no charset
 		case ".html":
 			ct = "text/html; charset=utf-8"
 		case ".js":
@@ -98,6 +99,8 @@ func loadStatusAssets(names ...string) map[string]statusAsset {
 			ct = "text/css; charset=utf-8"
 		case ".svg":
 			ct = "image/svg+xml"
+		default:
+			panic("godist status page: no content type for " + name)
 		}
 		assets[name] = statusAsset{body: b, contentType: ct, etag: `"` + hex.EncodeToString(sum[:8]) + `"`}
 	}
@@ -120,9 +123,9 @@ type statusAPI struct {
 // endpoints, so that they answer the same, with the same limits and the
 // same one plan at a time, in the admin server and here together.
 var statusAPIs = []statusAPI{
-	{"upstreams", adminEndpoint(http.MethodGet, []string{"handler"}, serveUpstreams)},
-	{"pick", adminEndpoint(http.MethodGet, []string{"handler", "key", "ip", "port"}, servePick)},
-	{"plan", adminEndpoint(http.MethodPost, []string{"handler"}, servePlan)},
+	{"upstreams", upstreamsEndpoint},
+	{"pick", pickEndpoint},
+	{"plan", planEndpoint},
 }
 
 // ServeHTTP serves the page, its files and its JSON, by the end of the
