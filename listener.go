@@ -188,9 +188,6 @@ var acceptRetries [len(acceptRetryErrors)]atomic.Uint64
 // acceptRetryIndex returns the index of err in acceptRetryErrors, or -1
 // if err is not worth waiting out.
 func acceptRetryIndex(err error) int {
-	if errors.Is(err, net.ErrClosed) {
-		return -1
-	}
 	for i, e := range acceptRetryErrors {
 		if errors.Is(err, e.errno) {
 			return i

@@ -78,7 +78,8 @@ var (
 type collector struct{}
 
 // registerMetrics adds godist's collector to a config's metrics registry.
-// Every godist handler of a config calls it; the first registers.
+// Every godist handler, godist-tcp listener and DNS source of a config
+// calls it; the first registers.
 func registerMetrics(reg *prometheus.Registry) error {
 	if reg == nil {
 		return nil

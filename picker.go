@@ -173,11 +173,8 @@ func (p *Picker) Order(key string, dst []int) []int {
 // Loads", SODA 2018, https://arxiv.org/abs/1608.01350), on top of the
 // rendezvous order above.
 //
-// Every usable upstream i gets a cap of
-//
-//	cap(i) = ⌈c × (total + 1) × w(i) / W⌉
-//
-// where c is the balance factor, total the connections active now (the
+// Every usable upstream i gets a cap: c × (total + 1) × w(i) / W, rounded
+// up, where c is the balance factor, total the connections active now (the
 // caller's count: one handler's), w(i) the upstream's weight and W the sum
 // of the weights of the usable upstreams. A new connection goes to the
 // first upstream in its key's order of preference whose load is under its
